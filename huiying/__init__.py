@@ -1,0 +1,1 @@
+"""The ``huiying`` operator CLI (see README and shared/CONTRACT.md)."""

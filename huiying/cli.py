@@ -1,0 +1,291 @@
+"""``huiying``: the operator CLI (shared/CONTRACT.md lists its public commands).
+
+Commands that read take ``--json`` and then print one JSON document on stdout. Expected failures
+(broker down, bad file, unknown case) print one line on stderr and exit 1, never a traceback.
+"""
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+
+from huiying import importer, stack
+from services.common import config as settings
+from services.common.directory import DirectoryError, load_directory_file
+from services.common.http import ValidationFailed
+
+RPC_TIMEOUT = 60
+IMPORT_BATCH = 50
+
+
+class CliError(click.ClickException):
+    """One line on stderr, exit 1."""
+
+    def show(self, file=None):
+        click.echo(f"huiying: {self.format_message()}", err=True)
+
+
+def emit(as_json: bool, document, human=None):
+    if as_json:
+        click.echo(json.dumps(document, ensure_ascii=False, indent=2))
+    elif human is not None:
+        human(document)
+    else:
+        click.echo(json.dumps(document, ensure_ascii=False, indent=2))
+
+
+@contextmanager
+def rpc_proxy():
+    """A nameko RPC proxy to the running services, with their errors turned into one line."""
+    from nameko.exceptions import RemoteError, RpcTimeout, UnknownService
+    from nameko.standalone.rpc import ClusterRpcProxy
+
+    try:
+        stack.check_broker()
+    except stack.StackError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        with ClusterRpcProxy({"AMQP_URI": settings.amqp_uri(), "serializer": "json"}, timeout=RPC_TIMEOUT) as proxy:
+            yield proxy
+    except UnknownService as exc:
+        raise CliError(f"the {exc} service is not running; start the stack with 'huiying up'") from None
+    except RpcTimeout:
+        raise CliError(f"no answer within {RPC_TIMEOUT}s; is the stack running? ('huiying status')") from None
+    except RemoteError as exc:
+        raise CliError(exc.value or exc.exc_type) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Huiying (回应): every suggestion gets an outcome and a response."""
+
+
+# --- the stack ------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("services", nargs=-1, type=click.Choice(settings.SERVICES))
+def migrate(services):
+    """Create or upgrade each service's own tables (all four by default)."""
+    from services.common.migrations import upgrade
+
+    for service in services or settings.SERVICES:
+        upgrade(service)
+        click.echo(f"{service}: tables at the latest migration", err=True)
+
+
+@main.command()
+@click.option("--timeout", default=90, show_default=True, help="Seconds to wait for all to be healthy.")
+def up(timeout):
+    """Migrate, declare queues, start the four services in the background, wait until healthy."""
+    from services.common.migrations import upgrade
+    from services.common.topology import declare_all
+
+    try:
+        stack.check_broker()
+        for service in settings.SERVICES:
+            upgrade(service)
+        # Before any service publishes: an event sent to an exchange without queues is lost.
+        declare_all(settings.amqp_uri())
+        for service in settings.SERVICES:
+            pid = stack.start(service)
+            click.echo(f"{service}: pid {pid}, http://{settings.http_address(service)}, log {stack.log_file(service)}", err=True)
+        stack.wait_healthy(settings.SERVICES, timeout=timeout)
+    except stack.StackError as exc:
+        raise CliError(str(exc)) from None
+    click.echo("all four services are healthy", err=True)
+
+
+@main.command()
+def down():
+    """Stop what 'huiying up' started."""
+    for service in reversed(settings.SERVICES):
+        was_running = stack.stop(service)
+        click.echo(f"{service}: {'stopped' if was_running else 'not running'}", err=True)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+def status(as_json):
+    """Each service's health, queue depths and dead-letter counts."""
+    from services.common.topology import all_service_classes, event_handler_queues
+    from services.intake.ticket_queue import DEAD_QUEUE, TICKET_QUEUE
+
+    services = {}
+    for service in settings.SERVICES:
+        services[service] = stack.health(service) | {"pid": stack.running_pid(service)}
+    try:
+        stack.check_broker()
+        names = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)] + [TICKET_QUEUE.name]
+        queues = stack.queue_depths(settings.amqp_uri(), names)
+        dead = {name: v["messages"] for name, v in stack.queue_depths(settings.amqp_uri(), [DEAD_QUEUE.name]).items()}
+        broker = "ok"
+    except stack.StackError as exc:
+        queues, dead, broker = {}, {}, str(exc)
+    document = {"services": services, "broker": broker, "queues": queues, "dead_letters": dead}
+
+    def human(doc):
+        for name, s in doc["services"].items():
+            click.echo(f"{name:12} {'healthy' if s['healthy'] else 'NOT healthy':12} {s['url']}  pid={s['pid']}")
+        click.echo(f"broker       {doc['broker']}")
+        for name, q in doc["queues"].items():
+            click.echo(f"  {q['messages'] if q['messages'] is not None else '-':>6} msgs {q['consumers'] if q['consumers'] is not None else '-':>3} consumers  {name}")
+        for name, count in doc["dead_letters"].items():
+            click.echo(f"  {count if count is not None else '-':>6} dead letters  {name}")
+
+    emit(as_json, document, human)
+    if not all(s["healthy"] for s in services.values()):
+        sys.exit(1)
+
+
+# --- reference data and credentials ---------------------------------------------------------
+
+
+@main.group()
+def directory():
+    """The district directory (streets, sectors, departments, members, supervisors)."""
+
+
+@directory.command("load")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def directory_load(file, as_json):
+    """Validate FILE (YAML or JSON) and make it the current directory."""
+    try:
+        loaded = load_directory_file(file)
+    except DirectoryError as exc:
+        raise CliError(str(exc)) from None
+    with rpc_proxy() as proxy:
+        summary = proxy.intake.load_directory(loaded.model_dump(mode="json"))
+    emit(as_json, summary, lambda s: click.echo(
+        f"loaded {s['district']}: {s['streets']} streets, {s['sectors']} sectors in {s['sector_groups']} groups, "
+        f"{s['workstations']} workstations, {s['departments']} departments, {s['members']} members, "
+        f"{s['special_supervisors']} special supervisors (version {s['content_hash']})"))
+
+
+@main.group()
+def credentials():
+    """API keys for ticketing systems, departments and staff."""
+
+
+@credentials.command("create")
+@click.option("--source", help="A ticketing system or channel (its key is also its Open311 api_key).")
+@click.option("--department", help="A department code from the directory.")
+@click.option("--staff", help="A committee staff member's name.")
+@click.option("--json", "as_json", is_flag=True)
+def credentials_create(source, department, staff, as_json):
+    """Issue a key; it is printed once and stored only as a hash."""
+    chosen = [(role, subject) for role, subject in (("source", source), ("department", department), ("staff", staff)) if subject]
+    if len(chosen) != 1:
+        raise CliError("give exactly one of --source, --department, --staff")
+    role, subject = chosen[0]
+    with rpc_proxy() as proxy:
+        issued = proxy.intake.create_credential(role, subject)
+    emit(as_json, issued, lambda d: click.echo(f"{d['key']}\n(role {d['role']}, subject {d['subject']}; shown once, keep it safe)"))
+
+
+# --- cases ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--source", required=True)
+@click.option("--external-id", required=True)
+@click.option("--title", required=True)
+@click.option("--description", required=True)
+@click.option("--category")
+@click.option("--street")
+@click.option("--reporter-phone")
+@click.option("--kind", type=click.Choice(["proposal", "consultation_topic", "public_opinion", "referral"]))
+@click.option("--json", "as_json", is_flag=True)
+def submit(source, external_id, title, description, category, street, reporter_phone, kind, as_json):
+    """Submit one case, as a channel would."""
+    from services.intake.schemas import parse_submission
+
+    data = {k: v for k, v in dict(source=source, external_id=external_id, title=title, description=description,
+                                  category=category, street=street, reporter_phone=reporter_phone, kind=kind).items() if v}
+    try:
+        parse_submission(data)  # the same rules as the service, checked before the round trip
+    except ValidationFailed as exc:
+        raise CliError(str(exc)) from None
+    with rpc_proxy() as proxy:
+        result = proxy.intake.submit_case(data, "cli")
+    emit(as_json, result, lambda r: click.echo(f"{r['id']} ({'created' if r['created'] else 'already received'})"))
+
+
+@main.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--source", required=True, help="The channel these rows came from, e.g. consultation-2026-07.")
+@click.option("--json", "as_json", is_flag=True)
+def import_(file, source, as_json):
+    """Import cases from a CSV or XLSX file; rejected rows are reported with reasons."""
+    from services.intake.schemas import parse_submission
+
+    try:
+        header, rows = importer.read_rows(file)
+        mapping = importer.column_map(file, header)
+    except OSError as exc:
+        raise CliError(f"{file}: cannot read: {exc.strerror}") from None
+    except importer.ImportFileError as exc:
+        raise CliError(str(exc)) from None
+
+    report = {"imported": 0, "duplicates": 0, "rejected": []}
+    valid = []
+    for number, cells in rows:
+        data = importer.row_to_submission(cells, mapping, source)
+        try:
+            parse_submission(data)
+            valid.append((number, data))
+        except ValidationFailed as exc:
+            report["rejected"].append({"row": number, "reason": str(exc)})
+
+    show_bar = sys.stderr.isatty() and not as_json
+    with rpc_proxy() as proxy, click.progressbar(length=len(valid), label="importing", file=sys.stderr if show_bar else None) as bar:
+        for start in range(0, len(valid), IMPORT_BATCH):
+            batch = valid[start:start + IMPORT_BATCH]
+            for (number, _), result in zip(batch, proxy.intake.submit_cases([d for _, d in batch], "import")):
+                if "error" in result:
+                    details = "; ".join(f"{d['field']}: {d['problem']}" for d in result.get("details", []))
+                    report["rejected"].append({"row": number, "reason": f"{result['error']} — {details}" if details else result["error"]})
+                elif result["created"]:
+                    report["imported"] += 1
+                else:
+                    report["duplicates"] += 1
+            bar.update(len(batch))
+    report["rejected"].sort(key=lambda r: r["row"])
+
+    def human(r):
+        click.echo(f"imported {r['imported']}, already there {r['duplicates']}, rejected {len(r['rejected'])}")
+        for rejected in r["rejected"]:
+            click.echo(f"  row {rejected['row']}: {rejected['reason']}")
+
+    emit(as_json, report, human)
+
+
+@main.group()
+def case():
+    """One case's whole-process record."""
+
+
+@case.command("show")
+@click.argument("case_id")
+@click.option("--json", "as_json", is_flag=True)
+def case_show(case_id, as_json):
+    """Every step of a case from receipt to closure or escalation."""
+    with rpc_proxy() as proxy:
+        record = proxy.supervision.get_case_record(case_id)
+
+    def human(r):
+        click.echo(f"{r['id']}  {r['title']}")
+        click.echo(f"  status {r['status']}  kind {r['kind'] or '-'}  category {r['category'] or '-'}  street {r['street'] or '-'}")
+        for referral in r["referrals"]:
+            click.echo(f"  referral {referral['department_name']} ({referral['status']}), due {referral['due_at']}")
+        for step in r["timeline"]:
+            click.echo(f"  {step['at']}  {step['event']}")
+        for escalation in r["escalations"]:
+            click.echo(f"  escalated: {escalation['action']} by rule {escalation['rule_id']} at {escalation['at']}")
+
+    emit(as_json, record, human)
+
+
+

@@ -1,0 +1,1 @@
+"""Code that several services share: configuration, storage, messaging, time, privacy."""

@@ -1,0 +1,70 @@
+"""Configuration from the environment, exactly as shared/CONTRACT.md names it.
+
+Every process (services, CLI, tests) reads its settings here, so the defaults live in one place.
+"""
+import os
+from pathlib import Path
+
+SERVICES = ("intake", "routing", "supervision", "notify")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
+DEFAULT_HTTP_ADDRESSES = {
+    "intake": "127.0.0.1:8001",
+    "routing": "127.0.0.1:8002",
+    "supervision": "127.0.0.1:8003",
+    "notify": "127.0.0.1:8004",
+}
+
+
+def var_dir() -> Path:
+    """Where the embedded database, logs and pid files live (``var/`` in the checkout)."""
+    return Path(os.environ.get("HUIYING_VAR_DIR", PROJECT_ROOT / "var"))
+
+
+def amqp_uri() -> str:
+    return os.environ.get("AMQP_URI", DEFAULT_AMQP_URI)
+
+
+def database_url() -> str:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        return url
+    return f"sqlite:///{var_dir() / 'huiying.db'}"
+
+
+def rules_dir() -> Path:
+    return Path(os.environ.get("HUIYING_RULES_DIR", PROJECT_ROOT / "rules"))
+
+
+def http_address(service: str) -> str:
+    """``HOST:PORT`` of a service's HTTP server; ``HUIYING_<SERVICE>_ADDRESS`` overrides it."""
+    return os.environ.get(f"HUIYING_{service.upper()}_ADDRESS", DEFAULT_HTTP_ADDRESSES[service])
+
+
+def case_id_prefix() -> str:
+    """District prefix of readable case ids (``LG-2026-000123``)."""
+    return os.environ.get("HUIYING_CASE_PREFIX", "LG")
+
+
+def nameko_config(service: str) -> dict:
+    """The nameko config dict for one service process."""
+    return {
+        "AMQP_URI": amqp_uri(),
+        "WEB_SERVER_ADDRESS": http_address(service),
+        "DATABASE_URL": database_url(),
+        "HUIYING_RULES_DIR": str(rules_dir()),
+        "HUIYING_CASE_PREFIX": case_id_prefix(),
+        "serializer": "json",
+        # Enough concurrent workers for bursts, few enough that a 2-core box is not swamped.
+        "max_workers": int(os.environ.get("HUIYING_MAX_WORKERS", "10")),
+        "HEARTBEAT": 60,
+        "LOGGING": {
+            "version": 1,
+            "disable_existing_loggers": False,
+            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+            "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+            "root": {"level": os.environ.get("HUIYING_LOG_LEVEL", "INFO"), "handlers": ["console"]},
+        },
+    }

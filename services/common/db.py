@@ -1,0 +1,82 @@
+"""Storage adapter: one SQLAlchemy engine per service process, handed to workers as a sessionmaker.
+
+nameko-sqlalchemy does not support SQLAlchemy 2, so this is our own small DependencyProvider.
+Workers write ``with self.db.begin() as session: ...``: one transaction, committed on success,
+rolled back on any exception, so nothing is ever half-written.
+"""
+from datetime import timezone
+from pathlib import Path
+
+from nameko.extensions import DependencyProvider
+from sqlalchemy import DateTime, create_engine, event
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+
+def normalize_url(url: str) -> str:
+    """``postgresql://`` means psycopg2 here: SQLAlchemy 2.1 would pick psycopg 3, which eventlet
+    cannot make cooperative."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg2://" + url[len(scheme):]
+    return url
+
+
+def create_db_engine(url: str) -> Engine:
+    url = normalize_url(url)
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):
+            # Four service processes share one embedded file: WAL lets readers and one writer
+            # work at once, and busy_timeout makes a writer wait instead of failing.
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+class Database(DependencyProvider):
+    """Gives each worker a ``sessionmaker``; call ``.begin()`` for a transaction."""
+
+    def setup(self):
+        self.engine = create_db_engine(self.container.config["DATABASE_URL"])
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def stop(self):
+        self.engine.dispose()
+
+    def kill(self):
+        self.engine.dispose()
+
+    def get_dependency(self, worker_ctx):
+        return self.sessions
+
+
+class UTCDateTime(TypeDecorator):
+    """Instants stored in UTC and read back zone-aware, on PostgreSQL and SQLite alike
+    (SQLite keeps no zone, so a +08:00 value would otherwise come back eight hours off)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: every instant must carry its time zone")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value, dialect):
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value

@@ -1,0 +1,98 @@
+"""HTTP for the services: one entrypoint class that maps exceptions to responses in one place.
+
+Handlers raise ``ApiError`` subclasses; the entrypoint turns them into JSON (or, for Open311
+routes, the error format of that specification). Anything unexpected is a 500 with no internals.
+"""
+import json
+import logging
+
+from nameko.web.handlers import HttpRequestHandler
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, details: list | None = None, status: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+        if status is not None:
+            self.status = status
+
+    def __str__(self):
+        # Crosses RPC as the error's value, so the CLI can show every field's problem.
+        if not self.details:
+            return self.message
+        return self.message + " — " + "; ".join(
+            f"{d['field']}: {d['problem']}" if d.get("field") else d["problem"] for d in self.details
+        )
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class ValidationFailed(ApiError):
+    """Bad input: ``details`` lists ``{"field", "problem"}``, one per problem."""
+
+    status = 422
+    code = "validation_failed"
+
+
+def json_response(status: int, body, headers: dict | None = None) -> Response:
+    return Response(
+        json.dumps(body, ensure_ascii=False),
+        status=status,
+        headers=headers,
+        mimetype="application/json",
+    )
+
+
+def json_error(request, exc: Exception) -> Response:
+    if isinstance(exc, ApiError):
+        body = {"error": {"code": exc.code, "message": exc.message}}
+        if exc.details:
+            body["error"]["details"] = exc.details
+        return json_response(exc.status, body)
+    if isinstance(exc, HTTPException):
+        return json_response(exc.code or 500, {"error": {"code": "http_error", "message": exc.description}})
+    log.error("unexpected error on %s %s: %s", request.method, request.path, type(exc).__name__)
+    return json_response(500, {"error": {"code": "internal_error", "message": "internal error"}})
+
+
+class HttpEntrypoint(HttpRequestHandler):
+    """``@http`` whose errors are rendered by ``error_renderer(request, exc)``."""
+
+    def __init__(self, method, url, error_renderer=json_error, **kwargs):
+        self.error_renderer = error_renderer
+        super().__init__(method, url, **kwargs)
+
+    def handle_request(self, request):
+        try:
+            return super().handle_request(request)
+        except Exception as exc:
+            return self.error_renderer(request, exc)
+
+    def response_from_exception(self, exc):
+        # nameko calls this without the request; re-raise so handle_request renders the error
+        # knowing which route (and so which error format) it came from.
+        raise exc
+
+
+http = HttpEntrypoint.decorator

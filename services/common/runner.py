@@ -1,0 +1,61 @@
+"""Run one service in this process: ``python -m services.common.runner intake``.
+
+eventlet must patch the standard library before anything else is imported, and psycopg2 must be
+made cooperative, or one slow query would stall every greenthread of the service.
+"""
+import eventlet
+
+eventlet.monkey_patch()
+
+import sys  # noqa: E402
+
+from psycogreen.eventlet import patch_psycopg  # noqa: E402
+
+patch_psycopg()
+
+import importlib  # noqa: E402
+import logging.config  # noqa: E402
+
+from nameko.runners import ServiceRunner  # noqa: E402
+
+from services.common import config as settings  # noqa: E402
+
+SERVICE_CLASSES = {
+    "intake": "services.intake.service:IntakeService",
+    "routing": "services.routing.service:RoutingService",
+    "supervision": "services.supervision.service:SupervisionService",
+    "notify": "services.notify.service:NotifyService",
+}
+
+
+def load_service_class(name: str):
+    module_name, class_name = SERVICE_CLASSES[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0] not in SERVICE_CLASSES:
+        print(f"usage: python -m services.common.runner {{{','.join(SERVICE_CLASSES)}}}", file=sys.stderr)
+        return 2
+    name = argv[0]
+    config = settings.nameko_config(name)
+    logging.config.dictConfig(config["LOGGING"])
+    runner = ServiceRunner(config)
+    runner.add_service(load_service_class(name))
+
+    import signal
+
+    def stop(signum, frame):
+        eventlet.spawn_n(runner.stop)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    runner.start()
+    logging.getLogger("huiying").info("%s started, http on %s", name, config["WEB_SERVER_ADDRESS"])
+    runner.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,10 @@
+"""Idempotent inserts: at-least-once delivery means the same row may arrive twice."""
+from sqlalchemy.dialects import postgresql, sqlite
+
+
+def insert_ignoring_duplicates(session, table, values: dict) -> bool:
+    """Insert unless the primary/unique key exists; True when a row was inserted."""
+    dialect = session.get_bind().dialect.name
+    make_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    result = session.execute(make_insert(table).values(**values).on_conflict_do_nothing())
+    return result.rowcount == 1

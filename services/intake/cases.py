@@ -1,0 +1,188 @@
+"""Storing cases: classification against the directory, readable ids, idempotency, the event.
+
+Plain functions over a SQLAlchemy session; the nameko service only calls them.
+"""
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from services.common.directory import Directory, parse_directory
+from services.common.http import NotFound, ValidationFailed
+from services.common.outbox import add_event
+from services.common.privacy import mask_phone, mask_phones_in_text
+from services.common.timeutil import CST, iso, now
+from services.common.upsert import insert_ignoring_duplicates
+from services.intake.models import case_counters, cases, directory_versions, outbox
+from services.intake.schemas import CaseSubmission
+
+log = logging.getLogger(__name__)
+
+RECEIVED = "received"
+
+
+@dataclass
+class Submitted:
+    case_id: str
+    created: bool
+
+
+class DirectoryCache:
+    """The current directory, re-read only when a newer version has been loaded (by any replica)."""
+
+    def __init__(self):
+        self._version_id = None
+        self._directory: Directory | None = None
+
+    def current(self, session) -> Directory | None:
+        version_id = session.scalar(select(directory_versions.c.id).order_by(directory_versions.c.id.desc()).limit(1))
+        if version_id != self._version_id:
+            document = session.scalar(select(directory_versions.c.document).where(directory_versions.c.id == version_id))
+            self._directory = parse_directory(document) if document else None
+            self._version_id = version_id
+        return self._directory
+
+
+def store_directory(session, directory: Directory) -> dict:
+    session.execute(
+        insert(directory_versions).values(
+            content_hash=directory.content_hash(), document=directory.model_dump(mode="json"), loaded_at=now()
+        )
+    )
+    summary = directory.summary() | {"content_hash": directory.content_hash()}
+    add_event(session, outbox, "directory_loaded", summary)
+    return summary
+
+
+def classify(submission: CaseSubmission, directory: Directory | None) -> dict:
+    """Codes from the directory for category, street, sector and workstation.
+
+    Unknown codes are an error naming the field (a typo must not silently lose the street);
+    with no directory loaded yet, values are kept as given."""
+    values = submission.model_dump()
+    if directory is None:
+        return values
+    wrong = []
+
+    def resolve(field, resolver, known):
+        given = values[field]
+        if given is None:
+            return
+        code = resolver(given)
+        if code is None:
+            wrong.append({"field": field, "problem": f"unknown {field} {given!r}; known: {', '.join(known)}"})
+        values[field] = code
+
+    resolve("category", directory.resolve_category, [c.code for c in directory.categories])
+    resolve("street", directory.resolve_street, [s.code for s in directory.streets])
+    resolve("sector", lambda v: v if v in {s.code for s in directory.sectors} else None, [s.code for s in directory.sectors])
+    resolve("workstation", lambda v: v if v in {w.code for w in directory.workstations} else None,
+            [w.code for w in directory.workstations])
+    if wrong:
+        raise ValidationFailed(f"invalid case submission: {', '.join(w['field'] for w in wrong)}", wrong)
+    if values["street"] is None:
+        values["street"] = directory.street_in_text(values["address"]) or directory.street_in_text(values["title"])
+    return values
+
+
+def _next_case_number(session, year: int) -> int:
+    insert_ignoring_duplicates(session, case_counters, {"year": year, "last_number": 0})
+    # The UPDATE takes the row lock: concurrent submissions queue here, so numbers never repeat.
+    return session.execute(
+        update(case_counters)
+        .where(case_counters.c.year == year)
+        .values(last_number=case_counters.c.last_number + 1)
+        .returning(case_counters.c.last_number)
+    ).scalar_one()
+
+
+def find_by_external_id(session, source: str, external_id: str) -> str | None:
+    return session.scalar(select(cases.c.id).where(cases.c.source == source, cases.c.external_id == external_id))
+
+
+def submit(sessions, submission: CaseSubmission, channel: str, directory_cache: DirectoryCache, prefix: str) -> Submitted:
+    """Store the case and its ``case_received`` event in one transaction; a resend of the same
+    (source, external id) answers with the existing case."""
+    with sessions() as session:
+        existing = find_by_external_id(session, submission.source, submission.external_id)
+        if existing:
+            return Submitted(existing, False)
+        values = classify(submission, directory_cache.current(session))
+    try:
+        with sessions.begin() as session:
+            received_at = values.pop("received_at") or now()
+            stamp = now()
+            year = received_at.astimezone(CST).year
+            case_id = f"{prefix}-{year}-{_next_case_number(session, year):06d}"
+            session.execute(
+                insert(cases).values(
+                    id=case_id, channel=channel, status=RECEIVED, received_at=received_at, updated_at=stamp, **values
+                )
+            )
+            add_event(session, outbox, "case_received", case_event(case_id, channel, values, received_at))
+        log.info("case %s received from %s via %s", case_id, submission.source, channel)
+        return Submitted(case_id, True)
+    except IntegrityError:
+        # Another worker stored the same (source, external id) a moment ago.
+        with sessions() as session:
+            existing = find_by_external_id(session, submission.source, submission.external_id)
+        if existing is None:
+            raise
+        return Submitted(existing, False)
+
+
+def case_event(case_id: str, channel: str, values: dict, received_at) -> dict:
+    """The ``case_received`` payload: what other services need, with phone numbers masked."""
+    return {
+        "case_id": case_id,
+        "source": values["source"],
+        "external_id": values["external_id"],
+        "channel": channel,
+        "title": mask_phones_in_text(values["title"]),
+        "description": mask_phones_in_text(values["description"]),
+        "category": values["category"],
+        "street": values["street"],
+        "sector": values["sector"],
+        "workstation": values["workstation"],
+        "kind": values["kind"],
+        "address": values["address"],
+        "lat": values["lat"],
+        "lon": values["lon"],
+        "residents_affected": values["residents_affected"],
+        "reporter_phone_masked": mask_phone(values["reporter_phone"]),
+        "received_at": iso(received_at),
+    }
+
+
+def case_view(row) -> dict:
+    """A case as APIs and the CLI show it: no reporter name, phone masked, times in CST."""
+    return {
+        "id": row.id,
+        "source": row.source,
+        "external_id": row.external_id,
+        "channel": row.channel,
+        "status": row.status,
+        "status_notes": row.status_notes,
+        "title": mask_phones_in_text(row.title),
+        "description": mask_phones_in_text(row.description),
+        "category": row.category,
+        "street": row.street,
+        "sector": row.sector,
+        "workstation": row.workstation,
+        "kind": row.kind,
+        "address": row.address,
+        "lat": row.lat,
+        "lon": row.lon,
+        "residents_affected": row.residents_affected,
+        "reporter_phone": mask_phone(row.reporter_phone),
+        "received_at": iso(row.received_at),
+        "updated_at": iso(row.updated_at),
+    }
+
+
+def get_case_row(session, case_id: str):
+    row = session.execute(select(cases).where(cases.c.id == case_id)).first()
+    if row is None:
+        raise NotFound(f"no case {case_id!r}")
+    return row

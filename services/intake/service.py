@@ -1,0 +1,263 @@
+"""The intake nameko service: entrypoints only. Work happens in cases.py, open311.py,
+credentials.py; events leave through the outbox after each commit."""
+import json
+import logging
+
+from nameko.dependency_providers import Config
+from nameko.events import EventDispatcher
+from nameko.rpc import rpc
+from nameko.timer import timer
+from sqlalchemy import select
+
+from services.common import health
+from services.common.db import Database
+from services.common.directory import DirectoryError, parse_directory
+from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_response
+from services.common.outbox import OutboxRelay
+from services.intake import cases, credentials, open311
+from services.intake.models import cases as cases_table
+from services.intake.models import outbox
+from services.intake.schemas import parse_submission
+from services.intake.ticket_queue import DeadLetters, consume_tickets
+
+log = logging.getLogger(__name__)
+
+OPEN311 = "/open311/v2"
+FORMAT = "<any(xml,json):fmt>"
+
+
+def open311_http(method, url):
+    return http(method, OPEN311 + url, error_renderer=open311.render_error)
+
+
+def bearer_key(request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("X-Api-Key")
+
+
+class IntakeService:
+    name = "intake"
+
+    config = Config()
+    db = Database()
+    dispatch = EventDispatcher()
+    dead_letter = DeadLetters()
+
+    relay = OutboxRelay(outbox)
+    directory_cache = cases.DirectoryCache()
+
+    # --- shared steps ---------------------------------------------------------------------
+
+    def _submit(self, data, channel: str) -> cases.Submitted:
+        submission = parse_submission(data)
+        result = cases.submit(self.db, submission, channel, self.directory_cache, self.config["HUIYING_CASE_PREFIX"])
+        if result.created:
+            self.relay.relay(self.db, self.dispatch)
+        return result
+
+    def _caller(self, request, roles=("source", "staff")) -> dict:
+        key = bearer_key(request)
+        if not key:
+            raise Unauthorized("an API key is required: Authorization: Bearer KEY")
+        with self.db() as session:
+            who = credentials.authenticate(session, key)
+        if who is None:
+            raise Unauthorized("unknown or revoked API key")
+        if who["role"] not in roles:
+            raise Forbidden(f"a {who['role']} key cannot do this")
+        return who
+
+    def _directory(self):
+        with self.db() as session:
+            return self.directory_cache.current(session)
+
+    # --- RPC (operator CLI, other services) ----------------------------------------------
+
+    @rpc(expected_exceptions=(ValidationFailed,))
+    def submit_case(self, data: dict, channel: str = "cli") -> dict:
+        result = self._submit(data, channel)
+        return {"id": result.case_id, "created": result.created}
+
+    @rpc
+    def submit_cases(self, rows: list, channel: str = "import") -> list:
+        """Batch submit: one result per row, ``{"id", "created"}`` or ``{"error", "details"}``."""
+        results = []
+        for data in rows:
+            try:
+                result = self._submit(data, channel)
+                results.append({"id": result.case_id, "created": result.created})
+            except ValidationFailed as exc:
+                results.append({"error": exc.message, "details": exc.details})
+        return results
+
+    @rpc(expected_exceptions=(NotFound,))
+    def get_case(self, case_id: str) -> dict:
+        with self.db() as session:
+            return cases.case_view(cases.get_case_row(session, case_id))
+
+    @rpc(expected_exceptions=(DirectoryError,))
+    def load_directory(self, document: dict) -> dict:
+        directory = parse_directory(document)
+        with self.db.begin() as session:
+            summary = cases.store_directory(session, directory)
+        self.relay.relay(self.db, self.dispatch)
+        return summary
+
+    @rpc
+    def get_directory(self) -> dict | None:
+        directory = self._directory()
+        return directory.model_dump(mode="json") if directory else None
+
+    @rpc(expected_exceptions=(ValidationFailed,))
+    def create_credential(self, role: str, subject: str) -> dict:
+        with self.db.begin() as session:
+            return credentials.issue(session, role, subject)
+
+    @rpc
+    def authenticate(self, key: str) -> dict | None:
+        with self.db() as session:
+            return credentials.authenticate(session, key)
+
+    @timer(interval=1)
+    def publish_pending_events(self):
+        """Publishes events whose immediate publish failed (broker down, crash after commit)."""
+        self.relay.relay(self.db, self.dispatch)
+
+    # --- AMQP ticket queue -------------------------------------------------------------------
+
+    @consume_tickets()
+    def receive_ticket(self, body):
+        if isinstance(body, (bytes, str)):
+            try:
+                body = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                self.dead_letter(body if isinstance(body, bytes) else body.encode(), f"body is not JSON: {exc}")
+                return
+        try:
+            self._submit(body, "amqp")
+        except ValidationFailed as exc:
+            reason = exc.message + ": " + "; ".join(f"{d['field']}: {d['problem']}" for d in exc.details)
+            self.dead_letter(body, reason)
+
+    # --- HTTP: health and the JSON API -----------------------------------------------------
+
+    @http("GET", "/health")
+    def health(self, request):
+        return health.respond(self.name, self.db, self.config["AMQP_URI"])
+
+    @http("POST", "/api/v1/cases")
+    def http_submit_case(self, request):
+        who = self._caller(request)
+        try:
+            data = json.loads(request.get_data(as_text=True) or "null")
+        except ValueError as exc:
+            raise ValidationFailed(f"body is not valid JSON: {exc}", [{"field": None, "problem": "not JSON"}], status=400) from None
+        if isinstance(data, dict) and who["role"] == "source":
+            if data.get("source", who["subject"]) != who["subject"]:
+                raise Forbidden(f"this key submits for source {who['subject']!r} only")
+            data = {**data, "source": who["subject"]}
+        result = self._submit(data, "http")
+        return json_response(201 if result.created else 200, {"id": result.case_id, "created": result.created})
+
+    @http("GET", "/api/v1/cases/<case_id>")
+    def http_get_case(self, request, case_id):
+        who = self._caller(request)
+        with self.db() as session:
+            row = session.execute(select(cases_table).where(cases_table.c.id == case_id)).first()
+        if row is None or (who["role"] == "source" and row.source != who["subject"]):
+            raise NotFound(f"no case {case_id!r}")
+        return json_response(200, cases.case_view(row))
+
+    @http("GET", "/api/v1/cases")
+    def http_find_case(self, request):
+        """Look a case up by the caller's own id for it: ``?external_id=X[&source=S]``."""
+        who = self._caller(request)
+        external_id = request.args.get("external_id")
+        if not external_id:
+            raise ValidationFailed("external_id is required", [{"field": "external_id", "problem": "missing"}], status=400)
+        source = who["subject"] if who["role"] == "source" else request.args.get("source")
+        if not source:
+            raise ValidationFailed("source is required for staff keys", [{"field": "source", "problem": "missing"}], status=400)
+        with self.db() as session:
+            case_id = cases.find_by_external_id(session, source, external_id)
+            if case_id is None:
+                raise NotFound(f"no case with external_id {external_id!r} from {source!r}")
+            return json_response(200, cases.case_view(cases.get_case_row(session, case_id)))
+
+    # --- HTTP: Open311 GeoReport v2 --------------------------------------------------------
+
+    @open311_http("GET", f"/services.{FORMAT}")
+    def open311_services(self, request, fmt):
+        return open311.render(fmt, "services", "service", open311.service_list(self._directory()))
+
+    @open311_http("GET", f"/services/<service_code>.{FORMAT}")
+    def open311_service_definition(self, request, service_code, fmt):
+        directory = self._directory()
+        if directory is None or directory.resolve_category(service_code) != service_code:
+            raise open311.Open311Error(f"no service {service_code!r}", status=404)
+        return open311.render_definition(fmt, service_code)
+
+    @open311_http("POST", f"/requests.{FORMAT}")
+    def open311_post_request(self, request, fmt):
+        with self.db() as session:
+            who = credentials.authenticate(session, request.form.get("api_key"))
+        if who is None or who["role"] not in ("source", "staff"):
+            raise open311.Open311Error("api_key is missing or not valid", status=403)
+        jurisdiction = request.form.get("jurisdiction_id")
+        directory = self._directory()
+        if jurisdiction and directory and jurisdiction not in (directory.district.code, directory.district.code.lower()):
+            raise open311.Open311Error(f"unknown jurisdiction_id {jurisdiction!r}", status=404)
+        data = open311.submission_from_form(request.form, who["subject"])
+        try:
+            result = self._submit(data, "open311")
+        except ValidationFailed as exc:
+            raise open311.Open311Error(exc.message, exc.details, status=400) from None
+        return open311.render(fmt, "service_requests", "request",
+                              [{"service_request_id": result.case_id, "service_notice": "", "account_id": ""}])
+
+    @open311_http("GET", f"/requests.{FORMAT}")
+    def open311_get_requests(self, request, fmt):
+        query = select(cases_table)
+        args = request.args
+        if args.get("service_request_id"):
+            query = query.where(cases_table.c.id.in_(args["service_request_id"].split(",")))
+        else:
+            if args.get("service_code"):
+                query = query.where(cases_table.c.category.in_(args["service_code"].split(",")))
+            if args.get("start_date"):
+                query = query.where(cases_table.c.received_at >= open311.parse_w3c_datetime(args["start_date"], "start_date"))
+            if args.get("end_date"):
+                query = query.where(cases_table.c.received_at <= open311.parse_w3c_datetime(args["end_date"], "end_date"))
+        query = query.order_by(cases_table.c.received_at.desc()).limit(1000)
+        statuses = set(filter(None, args.get("status", "").split(",")))
+        if statuses - {"open", "closed"}:
+            raise open311.Open311Error("status must be open, closed or both (comma-separated)")
+        with self.db() as session:
+            rows = session.execute(query).all()
+        names = self._category_names()
+        records = [open311.request_record(cases.case_view(r), names) for r in rows]
+        if statuses:
+            records = [r for r in records if r["status"] in statuses]
+        return open311.render(fmt, "service_requests", "request", records)
+
+    @open311_http("GET", f"/requests/<request_id>.{FORMAT}")
+    def open311_get_request(self, request, request_id, fmt):
+        with self.db() as session:
+            row = session.execute(select(cases_table).where(cases_table.c.id == request_id)).first()
+        if row is None:
+            raise open311.Open311Error(f"no service request {request_id!r}", status=404)
+        return open311.render(fmt, "service_requests", "request", [open311.request_record(cases.case_view(row), self._category_names())])
+
+    @open311_http("GET", f"/tokens/<token>.{FORMAT}")
+    def open311_get_token(self, request, token, fmt):
+        with self.db() as session:
+            exists = session.scalar(select(cases_table.c.id).where(cases_table.c.id == token))
+        if not exists:
+            raise open311.Open311Error(f"no request for token {token!r}", status=404)
+        return open311.render(fmt, "service_requests", "request", [{"service_request_id": token, "token": token}])
+
+    def _category_names(self) -> dict:
+        directory = self._directory()
+        return {c.code: c.name for c in directory.categories} if directory else {}

@@ -1,0 +1,102 @@
+"""The AMQP channel: ticketing platforms publish JSON case submissions straight to RabbitMQ.
+
+Publish to exchange ``huiying.tickets`` (direct, durable) with routing key ``ticket``, persistent,
+``content_type: application/json``; the body is the JSON object of the HTTP API (README).
+A message that is not JSON, not an object, or not a valid submission goes to the dead-letter
+queue ``huiying.intake.tickets.dead`` with the reason in the ``x-huiying-reason`` header, and the
+consumer carries on. nameko's own consumer would crash its connection on undecodable bodies, so
+this entrypoint catches decode errors itself.
+"""
+import json
+import logging
+
+from kombu import Exchange, Queue
+from nameko.amqp.publish import Publisher
+from nameko.extensions import DependencyProvider
+from nameko.messaging import Consumer, QueueConsumer
+
+from services.common.timeutil import iso, now
+
+log = logging.getLogger(__name__)
+
+TICKET_EXCHANGE = Exchange("huiying.tickets", type="direct", durable=True)
+DEAD_EXCHANGE = Exchange("huiying.tickets.dead", type="direct", durable=True)
+ROUTING_KEY = "ticket"
+TICKET_QUEUE = Queue(
+    "huiying.intake.tickets",
+    exchange=TICKET_EXCHANGE,
+    routing_key=ROUTING_KEY,
+    durable=True,
+    # Anything RabbitMQ itself rejects (e.g. expired) also ends up in the dead-letter queue.
+    queue_arguments={"x-dead-letter-exchange": DEAD_EXCHANGE.name, "x-dead-letter-routing-key": ROUTING_KEY},
+)
+DEAD_QUEUE = Queue("huiying.intake.tickets.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY, durable=True)
+REASON_HEADER = "x-huiying-reason"
+
+
+def ticket_queues() -> list[Queue]:
+    return [TICKET_QUEUE, DEAD_QUEUE]
+
+
+def publish_dead_letter(amqp_uri: str, body: bytes, reason: str, content_type: str | None, headers: dict | None):
+    publisher = Publisher(amqp_uri, exchange=DEAD_EXCHANGE, declare=[DEAD_EXCHANGE, DEAD_QUEUE])
+    publisher.publish(
+        body,
+        routing_key=ROUTING_KEY,
+        content_type=content_type or "application/octet-stream",
+        content_encoding="binary",
+        headers={**(headers or {}), REASON_HEADER: reason[:1000], "x-huiying-dead-at": iso(now())},
+    )
+    log.warning("ticket dead-lettered: %s", reason[:200])
+
+
+class DeadLetters(DependencyProvider):
+    """Lets a worker send the message it is handling to the dead-letter queue with a reason."""
+
+    def get_dependency(self, worker_ctx):
+        amqp_uri = self.container.config["AMQP_URI"]
+
+        def dead_letter(body, reason: str):
+            raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+            publish_dead_letter(amqp_uri, raw, reason, "application/json", None)
+
+        return dead_letter
+
+
+class TicketQueueConsumer(QueueConsumer):
+    """A queue consumer (its own connection) that dead-letters bodies it cannot decode."""
+
+    def get_consumers(self, consumer_cls, channel):
+        consumers = []
+        for provider in self._providers:
+            consumer = consumer_cls(
+                queues=[provider.queue],
+                callbacks=[lambda body, message, p=provider: self.handle_message(p, body, message)],
+                accept=["json", "text/plain", "application/octet-stream"],
+                on_decode_error=self.on_decode_error,
+            )
+            consumer.qos(prefetch_count=self.prefetch_count)
+            self._consumers[provider] = consumer
+        return self._consumers.values()
+
+    def on_decode_error(self, message, exc):
+        reason = f"body could not be decoded as {message.content_type or 'JSON'}: {type(exc).__name__}: {exc}"
+        try:
+            publish_dead_letter(self.amqp_uri, message.body, reason, message.content_type, None)
+        except Exception:
+            log.exception("could not dead-letter an undecodable ticket; leaving it queued")
+            self.requeue_message(message)
+            return
+        self.ack_message(message)
+
+
+class TicketConsumer(Consumer):
+    queue_consumer = TicketQueueConsumer()
+
+    def __init__(self, **kwargs):
+        # requeue_on_error: a valid ticket that fails for an unexpected reason (database down)
+        # stays queued rather than being acked and lost; invalid ones never raise (dead-lettered).
+        super().__init__(TICKET_QUEUE, requeue_on_error=True, **kwargs)
+
+
+consume_tickets = TicketConsumer.decorator

@@ -1,0 +1,1 @@
+"""Routing: triage each received case to the responsible department with a working-day deadline."""

@@ -1,0 +1,44 @@
+"""The supervision nameko service: entrypoints only.
+
+Today it keeps the case projection and answers ``case show``; rules, sweeps and the agenda are
+the supervision issue's work (see README, "Status of the services").
+"""
+from nameko.dependency_providers import Config
+from nameko.events import EventDispatcher, event_handler
+from nameko.rpc import rpc
+from nameko.timer import timer
+
+from services.common import health
+from services.common.db import Database
+from services.common.http import NotFound, http
+from services.common.outbox import OutboxRelay
+from services.supervision import projection
+from services.supervision.models import outbox
+
+
+class SupervisionService:
+    name = "supervision"
+
+    config = Config()
+    db = Database()
+    dispatch = EventDispatcher()
+    relay = OutboxRelay(outbox)
+
+    # requeue_on_error: a failure here (database down) must not ack the event away.
+    @event_handler("intake", "case_received", requeue_on_error=True)
+    def on_case_received(self, event):
+        with self.db.begin() as session:
+            projection.record_case_received(session, event)
+
+    @rpc(expected_exceptions=(NotFound,))
+    def get_case_record(self, case_id: str) -> dict:
+        with self.db() as session:
+            return projection.case_record(session, case_id)
+
+    @timer(interval=1)
+    def publish_pending_events(self):
+        self.relay.relay(self.db, self.dispatch)
+
+    @http("GET", "/health")
+    def health(self, request):
+        return health.respond(self.name, self.db, self.config["AMQP_URI"])

@@ -1,0 +1,185 @@
+"""Test fixtures: real RabbitMQ (a fresh vhost per test, from nameko's pytest plugin) and a real
+database (PostgreSQL by default: HUIYING_TEST_DATABASE_URL), the services run in-process.
+
+eventlet must patch the standard library before anything else is imported.
+"""
+import eventlet
+
+eventlet.monkey_patch()
+
+from psycogreen.eventlet import patch_psycopg  # noqa: E402
+
+patch_psycopg()
+
+import json  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from kombu import Connection, Queue  # noqa: E402
+from sqlalchemy import text  # noqa: E402
+
+from services.common import config as settings  # noqa: E402
+from services.common.db import create_db_engine  # noqa: E402
+
+TEST_DATABASE_URL = os.environ.get("HUIYING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+DEMO_DIRECTORY = settings.PROJECT_ROOT / "data" / "longgang-directory.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def database_url():
+    """A clean schema with every service's migrations applied, once per test run."""
+    from services.common.migrations import upgrade
+
+    engine = create_db_engine(TEST_DATABASE_URL)
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(text("DROP SCHEMA public CASCADE"))
+            connection.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    for service in settings.SERVICES:
+        upgrade(service, TEST_DATABASE_URL)
+    return TEST_DATABASE_URL
+
+
+@pytest.fixture
+def db(database_url):
+    """The test database, emptied before each test."""
+    engine = create_db_engine(database_url)
+    with engine.begin() as connection:
+        tables = [
+            row[0]
+            for row in connection.execute(
+                text("SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename NOT LIKE 'alembic_version_%'")
+            )
+        ]
+        connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def service_config(rabbit_config, db, database_url):
+    """nameko config for one service under test; its HTTP server gets a free port."""
+
+    def make(service: str) -> dict:
+        config = settings.nameko_config(service)
+        config.update(
+            AMQP_URI=rabbit_config["AMQP_URI"],
+            DATABASE_URL=database_url,
+            WEB_SERVER_ADDRESS=f"127.0.0.1:{free_port()}",
+        )
+        return config
+
+    return make
+
+
+@pytest.fixture
+def topology(rabbit_config):
+    """Every exchange and queue declared in this test's vhost, as `huiying up` does."""
+    from services.common.topology import declare_all
+
+    return declare_all(rabbit_config["AMQP_URI"])
+
+
+@pytest.fixture
+def run_services(runner_factory, service_config, topology):
+    """Start services in-process: ``urls = run_services("intake", "supervision")``."""
+    from services.common.runner import load_service_class
+
+    def start(*names):
+        urls = {}
+        for name in names:
+            config = service_config(name)
+            runner = runner_factory(config, load_service_class(name))
+            runner.start()
+            urls[name] = f"http://{config['WEB_SERVER_ADDRESS']}"
+        return urls
+
+    return start
+
+
+class EventTap:
+    """A test queue bound to a service's events exchange: what was really published."""
+
+    def __init__(self, amqp_uri: str, service: str, event_type: str):
+        from services.common.topology import event_exchange
+
+        self.connection = Connection(amqp_uri)
+        self.queue = Queue(f"test-tap-{service}-{event_type}", exchange=event_exchange(service),
+                           routing_key=event_type, durable=False, auto_delete=False)
+        self.queue(self.connection.channel()).declare()
+
+    def drain(self, expect: int, timeout: float = 10) -> list[dict]:
+        """Wait until ``expect`` events arrived, then a moment more to catch extras."""
+        events, deadline = [], time.monotonic() + timeout
+        channel = self.connection.channel()
+        bound = self.queue(channel)
+        while time.monotonic() < deadline:
+            message = bound.get(no_ack=True)
+            if message is None:
+                if len(events) >= expect:
+                    time.sleep(0.3)
+                    message = bound.get(no_ack=True)
+                    if message is None:
+                        break
+                else:
+                    time.sleep(0.05)
+                    continue
+            events.append(json.loads(message.body))
+        return events
+
+    def close(self):
+        self.connection.release()
+
+
+@pytest.fixture
+def event_tap(rabbit_config, topology):
+    taps = []
+
+    def make(service: str, event_type: str) -> EventTap:
+        tap = EventTap(rabbit_config["AMQP_URI"], service, event_type)
+        taps.append(tap)
+        return tap
+
+    yield make
+    for tap in taps:
+        tap.close()
+
+
+@pytest.fixture
+def rpc(rabbit_config):
+    from nameko.standalone.rpc import ClusterRpcProxy
+
+    with ClusterRpcProxy({"AMQP_URI": rabbit_config["AMQP_URI"], "serializer": "json"}, timeout=30) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def demo_directory():
+    from services.common.directory import load_directory_file
+
+    return load_directory_file(DEMO_DIRECTORY).model_dump(mode="json")
+
+
+def wait_for(predicate, timeout: float = 10, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return settings.PROJECT_ROOT

@@ -1,0 +1,109 @@
+"""The JSON HTTP API for ticketing systems, against real RabbitMQ and PostgreSQL."""
+import pytest
+import requests
+from sqlalchemy import func, select
+
+from services.intake.models import cases
+
+pytestmark = pytest.mark.interface
+
+
+@pytest.fixture
+def intake(run_services, rpc, demo_directory):
+    urls = run_services("intake")
+    rpc.intake.load_directory(demo_directory)
+    key = rpc.intake.create_credential("source", "hotline-12345")["key"]
+    return urls["intake"], {"Authorization": f"Bearer {key}"}
+
+
+def case_count(db):
+    with db.connect() as connection:
+        return connection.scalar(select(func.count()).select_from(cases))
+
+
+def test_a_ticket_becomes_one_case_and_one_event_however_often_it_is_sent(intake, db, event_tap):
+    url, auth = intake
+    tap = event_tap("intake", "case_received")
+    body = {"external_id": "12345-2026-0001", "title": "海吉星市场周边交通拥堵",
+            "description": "白坭坑片区早高峰人车混行，请求增设人车分流设施。联系人电话13812345678",
+            "category": "交通出行", "street": "平湖", "reporter_phone": "138 1234 5678"}
+
+    first = requests.post(f"{url}/api/v1/cases", json=body, headers=auth)
+    again = requests.post(f"{url}/api/v1/cases", json=body, headers=auth)
+
+    assert first.status_code == 201 and first.json()["created"] is True
+    assert again.status_code == 200 and again.json() == {"id": first.json()["id"], "created": False}
+    assert first.json()["id"].startswith("LG-2026-") or first.json()["id"].startswith("LG-20")
+    assert case_count(db) == 1
+    events = tap.drain(expect=1)
+    assert len(events) == 1
+    event = events[0]
+    assert event["case_id"] == first.json()["id"]
+    assert (event["category"], event["street"], event["channel"]) == ("traffic", "pinghu", "http")
+    assert event["reporter_phone_masked"] == "138****5678"
+    assert "13812345678" not in str(event)  # masked inside the description too
+
+    shown = requests.get(f"{url}/api/v1/cases/{first.json()['id']}", headers=auth).json()
+    assert shown["status"] == "received" and shown["reporter_phone"] == "138****5678"
+    found = requests.get(f"{url}/api/v1/cases", params={"external_id": "12345-2026-0001"}, headers=auth)
+    assert found.json()["id"] == first.json()["id"]
+
+
+def test_case_ids_are_readable_and_sortable(intake):
+    url, auth = intake
+    ids = [
+        requests.post(f"{url}/api/v1/cases", json={"external_id": f"n{i}", "title": "t", "description": "d"}, headers=auth).json()["id"]
+        for i in range(3)
+    ]
+    assert ids == sorted(ids)
+    assert [int(i.rsplit("-", 1)[1]) for i in ids] == [1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"title": "t", "description": "d"}, "external_id"),
+        ({"external_id": "x", "description": "d"}, "title"),
+        ({"external_id": "x", "title": "t", "description": "d", "street": "火星街道"}, "street"),
+        ({"external_id": "x", "title": "t", "description": "d", "category": "nope"}, "category"),
+        ({"external_id": "x", "title": "t", "description": "d", "reporter_phone": "call me"}, "reporter_phone"),
+        ({"external_id": "x", "title": "t", "description": "d", "residents_affected": -1}, "residents_affected"),
+        ({"external_id": "x", "title": "t" * 201, "description": "d"}, "title"),
+        ({"external_id": "x", "title": "t", "description": "d", "colour": "red"}, "colour"),
+        ({"external_id": "x", "title": "t\x00", "description": "d"}, "title"),
+    ],
+)
+def test_bad_input_names_the_field_and_writes_nothing(intake, db, body, field):
+    url, auth = intake
+    response = requests.post(f"{url}/api/v1/cases", json=body, headers=auth)
+    assert response.status_code == 422
+    assert field in [d["field"] for d in response.json()["error"]["details"]]
+    assert case_count(db) == 0
+
+
+def test_not_json_is_a_400(intake, db):
+    url, auth = intake
+    response = requests.post(f"{url}/api/v1/cases", data="{not json", headers=auth)
+    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
+    assert case_count(db) == 0
+
+
+def test_keys_are_required_and_scoped_to_their_source(intake, rpc):
+    url, auth = intake
+    body = {"external_id": "a1", "title": "t", "description": "d"}
+    assert requests.post(f"{url}/api/v1/cases", json=body).status_code == 401
+    assert requests.post(f"{url}/api/v1/cases", json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+    assert requests.post(f"{url}/api/v1/cases", json=body | {"source": "other"}, headers=auth).status_code == 403
+
+    created = requests.post(f"{url}/api/v1/cases", json=body, headers=auth).json()["id"]
+    other = {"Authorization": f"Bearer {rpc.intake.create_credential('source', 'online-platform')['key']}"}
+    assert requests.get(f"{url}/api/v1/cases/{created}", headers=other).status_code == 404
+    department = {"X-Api-Key": rpc.intake.create_credential("department", "jtglj")["key"]}
+    assert requests.post(f"{url}/api/v1/cases", json=body, headers=department).status_code == 403
+
+
+def test_health(intake):
+    url, _ = intake
+    response = requests.get(f"{url}/health")
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"database": "ok", "broker": "ok"}
