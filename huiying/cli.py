@@ -3,6 +3,7 @@
 Commands that read take ``--json`` and then print one JSON document on stdout. Expected failures
 (broker down, bad file, unknown case) print one line on stderr and exit 1, never a traceback.
 """
+import io
 import json
 import sys
 from contextlib import contextmanager
@@ -239,8 +240,9 @@ def import_(file, source, as_json):
         except ValidationFailed as exc:
             report["rejected"].append({"row": number, "reason": str(exc)})
 
-    show_bar = sys.stderr.isatty() and not as_json
-    with rpc_proxy() as proxy, click.progressbar(length=len(valid), label="importing", file=sys.stderr if show_bar else None) as bar:
+    # The bar goes to stderr, and only on a terminal: stdout stays clean for --json and pipes.
+    bar_stream = sys.stderr if sys.stderr.isatty() else io.StringIO()
+    with rpc_proxy() as proxy, click.progressbar(length=len(valid), label="importing", file=bar_stream) as bar:
         for start in range(0, len(valid), IMPORT_BATCH):
             batch = valid[start:start + IMPORT_BATCH]
             for (number, _), result in zip(batch, proxy.intake.submit_cases([d for _, d in batch], "import")):
@@ -289,3 +291,7 @@ def case_show(case_id, as_json):
 
 
 
+
+
+if __name__ == "__main__":
+    main()

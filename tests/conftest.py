@@ -3,7 +3,11 @@ database (PostgreSQL by default: HUIYING_TEST_DATABASE_URL), the services run in
 
 eventlet must patch the standard library before anything else is imported.
 """
-import eventlet
+import warnings
+
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+
+import eventlet  # noqa: E402
 
 eventlet.monkey_patch()
 

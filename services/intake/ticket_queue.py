@@ -39,6 +39,8 @@ def ticket_queues() -> list[Queue]:
 
 
 def publish_dead_letter(amqp_uri: str, body: bytes, reason: str, content_type: str | None, headers: dict | None):
+    if isinstance(body, str):  # py-amqp hands over text when the sender set a content encoding
+        body = body.encode("utf-8", "surrogateescape")
     publisher = Publisher(amqp_uri, exchange=DEAD_EXCHANGE, declare=[DEAD_EXCHANGE, DEAD_QUEUE])
     publisher.publish(
         body,

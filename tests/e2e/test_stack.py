@@ -1,0 +1,66 @@
+"""The README's run path, for real: `huiying up` starts four processes on RabbitMQ and the
+embedded SQLite database, the CLI talks to them, `huiying down` stops them."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO_DIRECTORY, free_port, wait_for
+
+pytestmark = pytest.mark.e2e
+HUIYING = [sys.executable, "-m", "huiying.cli"]
+
+
+@pytest.fixture
+def stack_env(rabbit_config, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # the embedded default
+    env.update(AMQP_URI=rabbit_config["AMQP_URI"], HUIYING_VAR_DIR=str(tmp_path / "var"))
+    for service in ("intake", "routing", "supervision", "notify"):
+        env[f"HUIYING_{service.upper()}_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    yield env
+    subprocess.run(HUIYING + ["down"], env=env, capture_output=True, timeout=60)
+
+
+def huiying(env, *args, timeout=120):
+    return subprocess.run(HUIYING + [str(a) for a in args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_up_load_submit_show_status_down(stack_env):
+    up = huiying(stack_env, "up")
+    assert up.returncode == 0, up.stderr
+    assert Path(stack_env["HUIYING_VAR_DIR"], "huiying.db").exists()
+
+    assert huiying(stack_env, "directory", "load", DEMO_DIRECTORY).returncode == 0
+    submitted = json.loads(huiying(stack_env, "submit", "--source", "hotline-12345", "--external-id", "E2E-1",
+                                   "--title", "园山街道南片区交通拥堵", "--description", "早高峰拥堵严重",
+                                   "--street", "园山", "--json").stdout)
+    assert submitted["created"] is True
+
+    def shown():
+        result = huiying(stack_env, "case", "show", submitted["id"], "--json")
+        return json.loads(result.stdout) if result.returncode == 0 else None
+
+    record = wait_for(shown, timeout=20, interval=0.5)
+    assert record["street"] == "yuanshan" and record["timeline"][0]["event"] == "case_received"
+
+    status = json.loads(huiying(stack_env, "status", "--json").stdout)
+    assert all(s["healthy"] for s in status["services"].values())
+    assert set(status["services"]) == {"intake", "routing", "supervision", "notify"}
+    assert status["dead_letters"] == {"huiying.intake.tickets.dead": 0}
+
+    down = huiying(stack_env, "down")
+    assert down.returncode == 0
+    after = json.loads(huiying(stack_env, "status", "--json").stdout)
+    assert not any(s["healthy"] for s in after["services"].values())
+
+
+def test_an_unreachable_broker_is_one_line_and_non_zero(tmp_path):
+    env = dict(os.environ, AMQP_URI="amqp://guest:guest@127.0.0.1:1/", HUIYING_VAR_DIR=str(tmp_path))
+    for command in (["up"], ["submit", "--source", "s", "--external-id", "1", "--title", "t", "--description", "d"]):
+        result = huiying(env, *command)
+        assert result.returncode == 1
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+        assert "cannot reach RabbitMQ" in result.stderr and "Traceback" not in result.stderr

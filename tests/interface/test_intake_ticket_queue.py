@@ -1,0 +1,83 @@
+"""The AMQP channel: a ticketing platform publishes straight to RabbitMQ."""
+import json
+
+import pytest
+from kombu import Connection, Producer
+from sqlalchemy import func, select
+
+from services.intake.models import cases
+from services.intake.ticket_queue import DEAD_QUEUE, REASON_HEADER, ROUTING_KEY, TICKET_EXCHANGE
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.interface
+
+
+@pytest.fixture
+def publish(rabbit_config, run_services, rpc, demo_directory):
+    run_services("intake")
+    rpc.intake.load_directory(demo_directory)
+    connection = Connection(rabbit_config["AMQP_URI"])
+    producer = Producer(connection.channel(), exchange=TICKET_EXCHANGE)
+
+    def send(body, content_type="application/json"):
+        raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+        producer.publish(raw, routing_key=ROUTING_KEY, content_type=content_type, content_encoding="utf-8",
+                         delivery_mode=2)
+
+    yield send
+    connection.release()
+
+
+def dead_letters(amqp_uri, count, timeout=10):
+    found = []
+    with Connection(amqp_uri) as connection:
+        queue = DEAD_QUEUE(connection.channel())
+
+        def collect():
+            message = queue.get(no_ack=True)
+            if message is not None:
+                found.append(message)
+            return len(found) >= count
+
+        wait_for(collect, timeout)
+    return found
+
+
+def case_count(db):
+    with db.connect() as connection:
+        return connection.scalar(select(func.count()).select_from(cases))
+
+
+TICKET = {"source": "hotline-12345", "external_id": "GD-20261001-0042", "title": "南湾街道路灯不亮",
+          "description": "丹竹头社区一段路灯连续一周不亮", "street": "南湾"}
+
+
+def test_a_ticket_becomes_a_case_and_an_event_once(publish, db, event_tap):
+    tap = event_tap("intake", "case_received")
+    publish(TICKET)
+    publish(TICKET)  # a platform's retry
+    events = tap.drain(expect=1)
+    assert len(events) == 1 and events[0]["channel"] == "amqp" and events[0]["street"] == "nanwan"
+    assert case_count(db) == 1
+
+
+@pytest.mark.parametrize(
+    "body, content_type, reason_part",
+    [
+        (b"{broken json", "application/json", "decoded"),
+        (b"\xff\xfe not utf-8", "application/json", "decoded"),
+        (b"not json at all", "text/plain", "not JSON"),
+        ([1, 2, 3], "application/json", "JSON object"),
+        ({"source": "hotline-12345", "title": "no id", "description": "d"}, "application/json", "external_id"),
+        ({**TICKET, "street": "火星"}, "application/json", "street"),
+        (b"\x80\x04K\x01.", "application/x-python-serialize", "decoded"),  # pickle is never accepted
+    ],
+)
+def test_a_bad_message_is_dead_lettered_with_its_reason_and_the_queue_flows_on(
+    publish, rabbit_config, db, body, content_type, reason_part
+):
+    publish(body, content_type)
+    publish({**TICKET, "external_id": "after-the-bad-one"})
+    [dead] = dead_letters(rabbit_config["AMQP_URI"], 1)
+    assert reason_part in dead.headers[REASON_HEADER]
+    wait_for(lambda: case_count(db) == 1)
