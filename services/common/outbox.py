@@ -81,10 +81,3 @@ class OutboxRelay:
                     published += 1
             if len(rows) < self.batch_size:
                 return published
-
-    @staticmethod
-    def pending_count(sessions, table: Table) -> int:
-        from sqlalchemy import func
-
-        with sessions() as session:
-            return session.scalar(select(func.count()).select_from(table).where(table.c.published_at.is_(None)))
