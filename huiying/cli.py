@@ -3,6 +3,7 @@
 Commands that read take ``--json`` and then print one JSON document on stdout. Expected failures
 (broker down, bad file, unknown case) print one line on stderr and exit 1, never a traceback.
 """
+
 import io
 import json
 import sys
@@ -91,7 +92,10 @@ def up(timeout):
         declare_all(settings.amqp_uri())
         for service in settings.SERVICES:
             pid = stack.start(service)
-            click.echo(f"{service}: pid {pid}, http://{settings.http_address(service)}, log {stack.log_file(service)}", err=True)
+            click.echo(
+                f"{service}: pid {pid}, http://{settings.http_address(service)}, log {stack.log_file(service)}",
+                err=True,
+            )
         stack.wait_healthy(settings.SERVICES, timeout=timeout)
     except stack.StackError as exc:
         raise CliError(str(exc)) from None
@@ -131,7 +135,9 @@ def status(as_json):
             click.echo(f"{name:12} {'healthy' if s['healthy'] else 'NOT healthy':12} {s['url']}  pid={s['pid']}")
         click.echo(f"broker       {doc['broker']}")
         for name, q in doc["queues"].items():
-            click.echo(f"  {q['messages'] if q['messages'] is not None else '-':>6} msgs {q['consumers'] if q['consumers'] is not None else '-':>3} consumers  {name}")
+            messages = "-" if q["messages"] is None else q["messages"]
+            consumers = "-" if q["consumers"] is None else q["consumers"]
+            click.echo(f"  {messages:>6} msgs {consumers:>3} consumers  {name}")
         for name, count in doc["dead_letters"].items():
             click.echo(f"  {count if count is not None else '-':>6} dead letters  {name}")
 
@@ -159,10 +165,15 @@ def directory_load(file, as_json):
         raise CliError(str(exc)) from None
     with rpc_proxy() as proxy:
         summary = proxy.intake.load_directory(loaded.model_dump(mode="json"))
-    emit(as_json, summary, lambda s: click.echo(
-        f"loaded {s['district']}: {s['streets']} streets, {s['sectors']} sectors in {s['sector_groups']} groups, "
-        f"{s['workstations']} workstations, {s['departments']} departments, {s['members']} members, "
-        f"{s['special_supervisors']} special supervisors (version {s['content_hash']})"))
+    emit(
+        as_json,
+        summary,
+        lambda s: click.echo(
+            f"loaded {s['district']}: {s['streets']} streets, {s['sectors']} sectors in {s['sector_groups']} groups, "
+            f"{s['workstations']} workstations, {s['departments']} departments, {s['members']} members, "
+            f"{s['special_supervisors']} special supervisors (version {s['content_hash']})"
+        ),
+    )
 
 
 @main.group()
@@ -177,13 +188,21 @@ def credentials():
 @click.option("--json", "as_json", is_flag=True)
 def credentials_create(source, department, staff, as_json):
     """Issue a key; it is printed once and stored only as a hash."""
-    chosen = [(role, subject) for role, subject in (("source", source), ("department", department), ("staff", staff)) if subject]
+    chosen = [
+        (role, subject)
+        for role, subject in (("source", source), ("department", department), ("staff", staff))
+        if subject
+    ]
     if len(chosen) != 1:
         raise CliError("give exactly one of --source, --department, --staff")
     role, subject = chosen[0]
     with rpc_proxy() as proxy:
         issued = proxy.intake.create_credential(role, subject)
-    emit(as_json, issued, lambda d: click.echo(f"{d['key']}\n(role {d['role']}, subject {d['subject']}; shown once, keep it safe)"))
+    emit(
+        as_json,
+        issued,
+        lambda d: click.echo(f"{d['key']}\n(role {d['role']}, subject {d['subject']}; shown once, keep it safe)"),
+    )
 
 
 # --- cases ----------------------------------------------------------------------------------
@@ -203,8 +222,20 @@ def submit(source, external_id, title, description, category, street, reporter_p
     """Submit one case, as a channel would."""
     from services.intake.schemas import parse_submission
 
-    data = {k: v for k, v in dict(source=source, external_id=external_id, title=title, description=description,
-                                  category=category, street=street, reporter_phone=reporter_phone, kind=kind).items() if v}
+    data = {
+        k: v
+        for k, v in dict(
+            source=source,
+            external_id=external_id,
+            title=title,
+            description=description,
+            category=category,
+            street=street,
+            reporter_phone=reporter_phone,
+            kind=kind,
+        ).items()
+        if v
+    }
     try:
         parse_submission(data)  # the same rules as the service, checked before the round trip
     except ValidationFailed as exc:
@@ -244,11 +275,13 @@ def import_(file, source, as_json):
     bar_stream = sys.stderr if sys.stderr.isatty() else io.StringIO()
     with rpc_proxy() as proxy, click.progressbar(length=len(valid), label="importing", file=bar_stream) as bar:
         for start in range(0, len(valid), IMPORT_BATCH):
-            batch = valid[start:start + IMPORT_BATCH]
+            batch = valid[start : start + IMPORT_BATCH]
             for (number, _), result in zip(batch, proxy.intake.submit_cases([d for _, d in batch], "import")):
                 if "error" in result:
                     details = "; ".join(f"{d['field']}: {d['problem']}" for d in result.get("details", []))
-                    report["rejected"].append({"row": number, "reason": f"{result['error']} — {details}" if details else result["error"]})
+                    report["rejected"].append(
+                        {"row": number, "reason": f"{result['error']} — {details}" if details else result["error"]}
+                    )
                 elif result["created"]:
                     report["imported"] += 1
                 else:
@@ -279,7 +312,8 @@ def case_show(case_id, as_json):
 
     def human(r):
         click.echo(f"{r['id']}  {r['title']}")
-        click.echo(f"  status {r['status']}  kind {r['kind'] or '-'}  category {r['category'] or '-'}  street {r['street'] or '-'}")
+        click.echo(f"  status {r['status']}  kind {r['kind'] or '-'}")
+        click.echo(f"  category {r['category'] or '-'}  street {r['street'] or '-'}")
         for referral in r["referrals"]:
             click.echo(f"  referral {referral['department_name']} ({referral['status']}), due {referral['due_at']}")
         for step in r["timeline"]:
@@ -288,9 +322,6 @@ def case_show(case_id, as_json):
             click.echo(f"  escalated: {escalation['action']} by rule {escalation['rule_id']} at {escalation['at']}")
 
     emit(as_json, record, human)
-
-
-
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Offices work in Excel, often with Chinese column headers: both English field nam
 usual Chinese headers are accepted. A row without an external id gets one derived from its
 content, so re-running an interrupted import skips what was already imported.
 """
+
 import csv
 import hashlib
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Starting, stopping and inspecting the four service processes and the broker they share."""
+
 import os
 import signal
 import subprocess
@@ -75,7 +76,11 @@ def health(service: str, timeout: float = 3) -> dict:
     try:
         response = requests.get(url, timeout=timeout)
         body = response.json()
-        return {"healthy": response.status_code == 200 and bool(body.get("healthy")), "checks": body.get("checks", {}), "url": url}
+        return {
+            "healthy": response.status_code == 200 and bool(body.get("healthy")),
+            "checks": body.get("checks", {}),
+            "url": url,
+        }
     except (requests.RequestException, ValueError) as exc:
         return {"healthy": False, "checks": {"http": f"unreachable: {type(exc).__name__}"}, "url": url}
 

@@ -1,4 +1,5 @@
 """Huiying's four nameko services and the code they share (``services.common``)."""
+
 import warnings
 
 # eventlet announces its own deprecation on import; nameko 2.14 needs it, so the notice is noise.

@@ -3,6 +3,7 @@ database (PostgreSQL by default: HUIYING_TEST_DATABASE_URL), the services run in
 
 eventlet must patch the standard library before anything else is imported.
 """
+
 import warnings
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
@@ -62,7 +63,10 @@ def db(database_url):
         tables = [
             row[0]
             for row in connection.execute(
-                text("SELECT tablename FROM pg_tables WHERE schemaname='public' AND tablename NOT LIKE 'alembic_version_%'")
+                text(
+                    "SELECT tablename FROM pg_tables"
+                    " WHERE schemaname='public' AND tablename NOT LIKE 'alembic_version_%'"
+                )
             )
         ]
         connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
@@ -118,8 +122,13 @@ class EventTap:
         from services.common.topology import event_exchange
 
         self.connection = Connection(amqp_uri)
-        self.queue = Queue(f"test-tap-{service}-{event_type}", exchange=event_exchange(service),
-                           routing_key=event_type, durable=False, auto_delete=False)
+        self.queue = Queue(
+            f"test-tap-{service}-{event_type}",
+            exchange=event_exchange(service),
+            routing_key=event_type,
+            durable=False,
+            auto_delete=False,
+        )
         self.queue(self.connection.channel()).declare()
 
     def drain(self, expect: int, timeout: float = 10) -> list[dict]:

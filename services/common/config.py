@@ -2,6 +2,7 @@
 
 Every process (services, CLI, tests) reads its settings here, so the defaults live in one place.
 """
+
 import os
 from pathlib import Path
 

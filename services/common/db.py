@@ -4,6 +4,7 @@ nameko-sqlalchemy does not support SQLAlchemy 2, so this is our own small Depend
 Workers write ``with self.db.begin() as session: ...``: one transaction, committed on success,
 rolled back on any exception, so nothing is ever half-written.
 """
+
 from datetime import timezone
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def normalize_url(url: str) -> str:
     cannot make cooperative."""
     for scheme in ("postgresql://", "postgres://"):
         if url.startswith(scheme):
-            return "postgresql+psycopg2://" + url[len(scheme):]
+            return "postgresql+psycopg2://" + url[len(scheme) :]
     return url
 
 

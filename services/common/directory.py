@@ -4,11 +4,12 @@ departments, members and special supervisors.
 A directory is one YAML/JSON document, validated here with messages that name the entry and the
 field at fault. Intake stores the loaded versions; other services ask intake for the current one.
 """
+
 from __future__ import annotations
 
 import hashlib
-import re
 import json
+import re
 from typing import Literal
 
 import yaml

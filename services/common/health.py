@@ -1,4 +1,5 @@
 """``GET /health``: 200 when the service reaches both its broker and its database."""
+
 from kombu import Connection
 from sqlalchemy import text
 

@@ -3,6 +3,7 @@
 Handlers raise ``ApiError`` subclasses; the entrypoint turns them into JSON (or, for Open311
 routes, the error format of that specification). Anything unexpected is a 500 with no internals.
 """
+
 import json
 import logging
 
@@ -28,8 +29,10 @@ class ApiError(Exception):
         # Crosses RPC as the error's value, so the CLI can show every field's problem.
         if not self.details:
             return self.message
-        return self.message + " — " + "; ".join(
-            f"{d['field']}: {d['problem']}" if d.get("field") else d["problem"] for d in self.details
+        return (
+            self.message
+            + " — "
+            + "; ".join(f"{d['field']}: {d['problem']}" if d.get("field") else d["problem"] for d in self.details)
         )
 
 

@@ -3,6 +3,7 @@
 ``run_migrations_online`` is what every service's ``migrations/env.py`` calls; ``upgrade`` is
 what ``huiying migrate`` and ``huiying up`` call.
 """
+
 from pathlib import Path
 
 from alembic import command, context

@@ -3,6 +3,7 @@ then published after the commit; a timer publishes whatever is still pending (br
 process killed between commit and publish). So an accepted change always gets its event out,
 at least once; consumers are idempotent.
 """
+
 import logging
 import threading
 import uuid
@@ -35,9 +36,7 @@ def add_event(session, table: Table, event_type: str, payload: dict) -> dict:
     created = now()
     message = {"event_id": str(uuid.uuid4()), "occurred_at": iso(created), **payload}
     session.execute(
-        insert(table).values(
-            event_id=message["event_id"], event_type=event_type, payload=message, created_at=created
-        )
+        insert(table).values(event_id=message["event_id"], event_type=event_type, payload=message, created_at=created)
     )
     return message
 
@@ -75,9 +74,7 @@ class OutboxRelay:
                 ).all()
                 for row in rows:
                     dispatch(row.event_type, row.payload)
-                    session.execute(
-                        update(self.table).where(self.table.c.id == row.id).values(published_at=now())
-                    )
+                    session.execute(update(self.table).where(self.table.c.id == row.id).values(published_at=now()))
                     published += 1
             if len(rows) < self.batch_size:
                 return published

@@ -1,4 +1,5 @@
 """Personal data: phone numbers are stored but shown masked (138****1234) wherever not needed."""
+
 import re
 
 _PHONE_LIKE = re.compile(r"(?<!\d)(\+?86[- ]?)?(1[3-9]\d)[- ]?(\d{4})[- ]?(\d{4})(?!\d)")

@@ -3,6 +3,7 @@
 eventlet must patch the standard library before anything else is imported, and psycopg2 must be
 made cooperative, or one slow query would stall every greenthread of the service.
 """
+
 import eventlet
 
 eventlet.monkey_patch()

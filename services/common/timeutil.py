@@ -1,4 +1,5 @@
 """China Standard Time helpers: instants are stored with their zone, calendar days are Shanghai's."""
+
 from datetime import datetime, timezone
 from zoneinfo import ZoneInfo
 
@@ -20,4 +21,3 @@ def iso(moment: datetime | None) -> str | None:
     if moment is None:
         return None
     return to_cst(moment).isoformat(timespec="seconds")
-

@@ -4,10 +4,11 @@ An event published to an exchange with no bound queue is confirmed and lost. So 
 (and every service at start) declares every event exchange and every event-handler queue of all
 four services, with the same names nameko gives them, before any service publishes.
 """
+
 from kombu import Connection, Exchange, Queue
 from nameko.events import SERVICE_POOL, EventHandler
-from nameko.standalone.events import get_event_exchange
 from nameko.extensions import ENTRYPOINT_EXTENSIONS_ATTR
+from nameko.standalone.events import get_event_exchange
 
 
 def event_exchange(service_name: str) -> Exchange:
@@ -22,8 +23,7 @@ def event_handler_queues(service_cls) -> list[Queue]:
         for entrypoint in getattr(method, ENTRYPOINT_EXTENSIONS_ATTR, ()):
             if isinstance(entrypoint, EventHandler) and entrypoint.handler_type is SERVICE_POOL:
                 queue_name = (
-                    f"evt-{entrypoint.source_service}-{entrypoint.event_type}"
-                    f"--{service_cls.name}.{method_name}"
+                    f"evt-{entrypoint.source_service}-{entrypoint.event_type}--{service_cls.name}.{method_name}"
                 )
                 queues.append(
                     Queue(

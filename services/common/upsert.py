@@ -1,4 +1,5 @@
 """Idempotent inserts: at-least-once delivery means the same row may arrive twice."""
+
 from sqlalchemy.dialects import postgresql, sqlite
 
 

@@ -1,5 +1,6 @@
 """Turning pydantic errors into messages that name the field and the problem — and never echo
 the input back (it may hold a phone number)."""
+
 from pydantic import ValidationError
 
 

@@ -2,6 +2,7 @@
 
 Plain functions over a SQLAlchemy session; the nameko service only calls them.
 """
+
 import logging
 from dataclasses import dataclass
 
@@ -38,7 +39,9 @@ class DirectoryCache:
     def current(self, session) -> Directory | None:
         version_id = session.scalar(select(directory_versions.c.id).order_by(directory_versions.c.id.desc()).limit(1))
         if version_id != self._version_id:
-            document = session.scalar(select(directory_versions.c.document).where(directory_versions.c.id == version_id))
+            document = session.scalar(
+                select(directory_versions.c.document).where(directory_versions.c.id == version_id)
+            )
             self._directory = parse_directory(document) if document else None
             self._version_id = version_id
         return self._directory
@@ -76,9 +79,14 @@ def classify(submission: CaseSubmission, directory: Directory | None) -> dict:
 
     resolve("category", directory.resolve_category, [c.code for c in directory.categories])
     resolve("street", directory.resolve_street, [s.code for s in directory.streets])
-    resolve("sector", lambda v: v if v in {s.code for s in directory.sectors} else None, [s.code for s in directory.sectors])
-    resolve("workstation", lambda v: v if v in {w.code for w in directory.workstations} else None,
-            [w.code for w in directory.workstations])
+    resolve(
+        "sector", lambda v: v if v in {s.code for s in directory.sectors} else None, [s.code for s in directory.sectors]
+    )
+    resolve(
+        "workstation",
+        lambda v: v if v in {w.code for w in directory.workstations} else None,
+        [w.code for w in directory.workstations],
+    )
     if wrong:
         raise ValidationFailed(f"invalid case submission: {', '.join(w['field'] for w in wrong)}", wrong)
     if values["street"] is None:
@@ -101,7 +109,9 @@ def find_by_external_id(session, source: str, external_id: str) -> str | None:
     return session.scalar(select(cases.c.id).where(cases.c.source == source, cases.c.external_id == external_id))
 
 
-def submit(sessions, submission: CaseSubmission, channel: str, directory_cache: DirectoryCache, prefix: str) -> Submitted:
+def submit(
+    sessions, submission: CaseSubmission, channel: str, directory_cache: DirectoryCache, prefix: str
+) -> Submitted:
     """Store the case and its ``case_received`` event in one transaction; a resend of the same
     (source, external id) answers with the existing case."""
     with sessions() as session:

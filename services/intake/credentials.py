@@ -3,6 +3,7 @@
 A key is printed once when issued; only its SHA-256 is stored. Keys are 256 random bits, so a
 fast hash is enough (there is nothing to brute-force as with passwords).
 """
+
 import hashlib
 import secrets
 
@@ -21,10 +22,14 @@ def _hash(key: str) -> str:
 
 def issue(session, role: str, subject: str) -> dict:
     if role not in ROLES:
-        raise ValidationFailed(f"role must be one of {', '.join(ROLES)}", [{"field": "role", "problem": "unknown role"}])
+        raise ValidationFailed(
+            f"role must be one of {', '.join(ROLES)}", [{"field": "role", "problem": "unknown role"}]
+        )
     subject = (subject or "").strip()
     if not subject or len(subject) > 128:
-        raise ValidationFailed("subject must be 1 to 128 characters", [{"field": "subject", "problem": "empty or too long"}])
+        raise ValidationFailed(
+            "subject must be 1 to 128 characters", [{"field": "subject", "problem": "empty or too long"}]
+        )
     key = "hy_" + secrets.token_urlsafe(32)
     session.execute(
         insert(credentials).values(

@@ -1,6 +1,16 @@
 """Intake's own tables. No other service reads or writes them."""
+
 from sqlalchemy import (
-    JSON, Column, Float, Index, Integer, MetaData, String, Table, Text, UniqueConstraint,
+    JSON,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
 )
 
 from services.common.db import UTCDateTime

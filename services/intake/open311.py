@@ -4,6 +4,7 @@ submission and rendering its documents in XML (the required format) and JSON.
 Categories are the ``service_code``s. Requests get their ``service_request_id`` (the case id)
 at once, so no tokens are ever issued; ``tokens/{token}`` answers for a case id used as a token.
 """
+
 import json
 import uuid
 from datetime import datetime
@@ -17,9 +18,23 @@ from services.intake.schemas import CaseSubmission
 
 CLOSED_STATUSES = {"closed"}
 REQUEST_FIELDS = (
-    "service_request_id", "status", "status_notes", "service_name", "service_code", "description",
-    "agency_responsible", "service_notice", "requested_datetime", "updated_datetime", "expected_datetime",
-    "address", "address_id", "zipcode", "lat", "long", "media_url",
+    "service_request_id",
+    "status",
+    "status_notes",
+    "service_name",
+    "service_code",
+    "description",
+    "agency_responsible",
+    "service_notice",
+    "requested_datetime",
+    "updated_datetime",
+    "expected_datetime",
+    "address",
+    "address_id",
+    "zipcode",
+    "lat",
+    "long",
+    "media_url",
 )
 
 
@@ -46,7 +61,9 @@ def render_definition(fmt: str, service_code: str) -> Response:
     top = ET.Element("service_definition")
     ET.SubElement(top, "service_code").text = service_code
     ET.SubElement(top, "attributes")
-    return Response('<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(top, encoding="unicode"), mimetype="text/xml")
+    return Response(
+        '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(top, encoding="unicode"), mimetype="text/xml"
+    )
 
 
 def _fill(element, record: dict):
@@ -66,7 +83,9 @@ def render_error(request, exc: Exception) -> Response:
         status = exc.status if exc.status in (400, 401, 403, 404) else 400
         description = exc.message
         if exc.details:
-            description += ": " + "; ".join(f"{d['field']}: {d['problem']}" if d["field"] else d["problem"] for d in exc.details)
+            description += ": " + "; ".join(
+                f"{d['field']}: {d['problem']}" if d["field"] else d["problem"] for d in exc.details
+            )
     else:
         json_error(request, exc)  # logs the unexpected error
         status, description = 500, "internal error"
@@ -92,7 +111,9 @@ def service_list(directory) -> list[dict]:
 
 def submission_from_form(form, source: str) -> CaseSubmission | dict:
     """Map a POST requests form to submission fields (validated by the caller)."""
-    attribute = {key[len("attribute["):-1]: form.get(key) for key in form if key.startswith("attribute[") and key.endswith("]")}
+    attribute = {
+        key[len("attribute[") : -1]: form.get(key) for key in form if key.startswith("attribute[") and key.endswith("]")
+    }
     if not form.get("service_code"):
         raise Open311Error("service_code is required", [{"field": "service_code", "problem": "missing"}])
     description = form.get("description") or ""

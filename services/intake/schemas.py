@@ -3,6 +3,7 @@
 The same model validates the HTTP API, Open311 (after mapping its parameters), the AMQP ticket
 queue and batch-import rows, so a case means the same thing everywhere.
 """
+
 import re
 from datetime import datetime
 from typing import Literal
@@ -49,8 +50,17 @@ class CaseSubmission(BaseModel):
                 raise ValueError("is not valid Unicode text") from None
         return value
 
-    @field_validator("category", "street", "sector", "workstation", "address", "reporter_name",
-                     "reporter_phone", "kind", mode="before")
+    @field_validator(
+        "category",
+        "street",
+        "sector",
+        "workstation",
+        "address",
+        "reporter_name",
+        "reporter_phone",
+        "kind",
+        mode="before",
+    )
     @classmethod
     def _blank_is_absent(cls, value):
         if isinstance(value, str) and not value.strip():

@@ -1,16 +1,13 @@
 """The intake nameko service: entrypoints only. Work happens in cases.py, open311.py,
 credentials.py; events leave through the outbox after each commit."""
+
 import json
 import logging
 
-from nameko.dependency_providers import Config
-from nameko.events import EventDispatcher
 from nameko.rpc import rpc
-from nameko.timer import timer
 from sqlalchemy import select
 
-from services.common import health
-from services.common.db import Database
+from services.common.base import ServiceBase
 from services.common.directory import DirectoryError, parse_directory
 from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_response
 from services.common.outbox import OutboxRelay
@@ -37,12 +34,9 @@ def bearer_key(request) -> str | None:
     return request.headers.get("X-Api-Key")
 
 
-class IntakeService:
+class IntakeService(ServiceBase):
     name = "intake"
 
-    config = Config()
-    db = Database()
-    dispatch = EventDispatcher()
     dead_letter = DeadLetters()
 
     relay = OutboxRelay(outbox)
@@ -54,7 +48,7 @@ class IntakeService:
         submission = parse_submission(data)
         result = cases.submit(self.db, submission, channel, self.directory_cache, self.config["HUIYING_CASE_PREFIX"])
         if result.created:
-            self.relay.relay(self.db, self.dispatch)
+            self.publish_events()
         return result
 
     def _caller(self, request, roles=("source", "staff")) -> dict:
@@ -102,7 +96,7 @@ class IntakeService:
         directory = parse_directory(document)
         with self.db.begin() as session:
             summary = cases.store_directory(session, directory)
-        self.relay.relay(self.db, self.dispatch)
+        self.publish_events()
         return summary
 
     @rpc
@@ -119,11 +113,6 @@ class IntakeService:
     def authenticate(self, key: str) -> dict | None:
         with self.db() as session:
             return credentials.authenticate(session, key)
-
-    @timer(interval=1)
-    def publish_pending_events(self):
-        """Publishes events whose immediate publish failed (broker down, crash after commit)."""
-        self.relay.relay(self.db, self.dispatch)
 
     # --- AMQP ticket queue -------------------------------------------------------------------
 
@@ -143,17 +132,15 @@ class IntakeService:
 
     # --- HTTP: health and the JSON API -----------------------------------------------------
 
-    @http("GET", "/health")
-    def health(self, request):
-        return health.respond(self.name, self.db, self.config["AMQP_URI"])
-
     @http("POST", "/api/v1/cases")
     def http_submit_case(self, request):
         who = self._caller(request)
         try:
             data = json.loads(request.get_data(as_text=True) or "null")
         except ValueError as exc:
-            raise ValidationFailed(f"body is not valid JSON: {exc}", [{"field": None, "problem": "not JSON"}], status=400) from None
+            raise ValidationFailed(
+                f"body is not valid JSON: {exc}", [{"field": None, "problem": "not JSON"}], status=400
+            ) from None
         if isinstance(data, dict) and who["role"] == "source":
             if data.get("source", who["subject"]) != who["subject"]:
                 raise Forbidden(f"this key submits for source {who['subject']!r} only")
@@ -176,10 +163,14 @@ class IntakeService:
         who = self._caller(request)
         external_id = request.args.get("external_id")
         if not external_id:
-            raise ValidationFailed("external_id is required", [{"field": "external_id", "problem": "missing"}], status=400)
+            raise ValidationFailed(
+                "external_id is required", [{"field": "external_id", "problem": "missing"}], status=400
+            )
         source = who["subject"] if who["role"] == "source" else request.args.get("source")
         if not source:
-            raise ValidationFailed("source is required for staff keys", [{"field": "source", "problem": "missing"}], status=400)
+            raise ValidationFailed(
+                "source is required for staff keys", [{"field": "source", "problem": "missing"}], status=400
+            )
         with self.db() as session:
             case_id = cases.find_by_external_id(session, source, external_id)
             if case_id is None:
@@ -207,15 +198,23 @@ class IntakeService:
             raise open311.Open311Error("api_key is missing or not valid", status=403)
         jurisdiction = request.form.get("jurisdiction_id")
         directory = self._directory()
-        if jurisdiction and directory and jurisdiction not in (directory.district.code, directory.district.code.lower()):
+        if (
+            jurisdiction
+            and directory
+            and jurisdiction not in (directory.district.code, directory.district.code.lower())
+        ):
             raise open311.Open311Error(f"unknown jurisdiction_id {jurisdiction!r}", status=404)
         data = open311.submission_from_form(request.form, who["subject"])
         try:
             result = self._submit(data, "open311")
         except ValidationFailed as exc:
             raise open311.Open311Error(exc.message, exc.details, status=400) from None
-        return open311.render(fmt, "service_requests", "request",
-                              [{"service_request_id": result.case_id, "service_notice": "", "account_id": ""}])
+        return open311.render(
+            fmt,
+            "service_requests",
+            "request",
+            [{"service_request_id": result.case_id, "service_notice": "", "account_id": ""}],
+        )
 
     @open311_http("GET", f"/requests.{FORMAT}")
     def open311_get_requests(self, request, fmt):
@@ -227,9 +226,13 @@ class IntakeService:
             if args.get("service_code"):
                 query = query.where(cases_table.c.category.in_(args["service_code"].split(",")))
             if args.get("start_date"):
-                query = query.where(cases_table.c.received_at >= open311.parse_w3c_datetime(args["start_date"], "start_date"))
+                query = query.where(
+                    cases_table.c.received_at >= open311.parse_w3c_datetime(args["start_date"], "start_date")
+                )
             if args.get("end_date"):
-                query = query.where(cases_table.c.received_at <= open311.parse_w3c_datetime(args["end_date"], "end_date"))
+                query = query.where(
+                    cases_table.c.received_at <= open311.parse_w3c_datetime(args["end_date"], "end_date")
+                )
         query = query.order_by(cases_table.c.received_at.desc()).limit(1000)
         statuses = set(filter(None, args.get("status", "").split(",")))
         if statuses - {"open", "closed"}:
@@ -248,7 +251,9 @@ class IntakeService:
             row = session.execute(select(cases_table).where(cases_table.c.id == request_id)).first()
         if row is None:
             raise open311.Open311Error(f"no service request {request_id!r}", status=404)
-        return open311.render(fmt, "service_requests", "request", [open311.request_record(cases.case_view(row), self._category_names())])
+        return open311.render(
+            fmt, "service_requests", "request", [open311.request_record(cases.case_view(row), self._category_names())]
+        )
 
     @open311_http("GET", f"/tokens/<token>.{FORMAT}")
     def open311_get_token(self, request, token, fmt):

@@ -7,6 +7,7 @@ queue ``huiying.intake.tickets.dead`` with the reason in the ``x-huiying-reason`
 consumer carries on. nameko's own consumer would crash its connection on undecodable bodies, so
 this entrypoint catches decode errors itself.
 """
+
 import json
 import logging
 
@@ -69,7 +70,6 @@ class TicketQueueConsumer(QueueConsumer):
     """A queue consumer (its own connection) that dead-letters bodies it cannot decode."""
 
     def get_consumers(self, consumer_cls, channel):
-        consumers = []
         for provider in self._providers:
             consumer = consumer_cls(
                 queues=[provider.queue],

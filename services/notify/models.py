@@ -1,4 +1,5 @@
 """Notify's own tables."""
+
 from sqlalchemy import MetaData
 
 from services.common.outbox import outbox_table

@@ -1,4 +1,5 @@
 """Routing's own tables."""
+
 from sqlalchemy import Column, MetaData, String, Table
 
 from services.common.db import UTCDateTime

@@ -3,15 +3,12 @@
 Today it records every received case as awaiting routing; rule-driven triage, referrals and
 deadlines are the routing issue's work (see README, "Status of the services").
 """
+
 from datetime import datetime
 
-from nameko.dependency_providers import Config
-from nameko.events import EventDispatcher, event_handler
-from nameko.timer import timer
+from nameko.events import event_handler
 
-from services.common import health
-from services.common.db import Database
-from services.common.http import http
+from services.common.base import ServiceBase
 from services.common.outbox import OutboxRelay
 from services.common.timeutil import now
 from services.common.upsert import insert_ignoring_duplicates
@@ -20,12 +17,9 @@ from services.routing.models import outbox, routing_cases
 AWAITING_ROUTING = "awaiting_routing"
 
 
-class RoutingService:
+class RoutingService(ServiceBase):
     name = "routing"
 
-    config = Config()
-    db = Database()
-    dispatch = EventDispatcher()
     relay = OutboxRelay(outbox)
 
     # requeue_on_error: a failure here (database down) must not ack the event away.
@@ -46,11 +40,3 @@ class RoutingService:
                     recorded_at=now(),
                 ),
             )
-
-    @timer(interval=1)
-    def publish_pending_events(self):
-        self.relay.relay(self.db, self.dispatch)
-
-    @http("GET", "/health")
-    def health(self, request):
-        return health.respond(self.name, self.db, self.config["AMQP_URI"])

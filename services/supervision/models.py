@@ -1,4 +1,5 @@
 """Supervision's own tables: its projection of cases, built only from bus events."""
+
 from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
 
 from services.common.db import UTCDateTime

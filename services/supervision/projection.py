@@ -1,4 +1,5 @@
 """Supervision's projection of cases: updated from events, read by ``huiying case show``."""
+
 from datetime import datetime
 
 from sqlalchemy import select
@@ -15,15 +16,29 @@ def record_case_received(session, event: dict) -> bool:
     first_time = insert_ignoring_duplicates(
         session,
         timeline,
-        dict(event_id=event["event_id"], case_id=event["case_id"], event_type="case_received", at=received_at,
-             details={"source": event["source"], "channel": event["channel"]}),
+        dict(
+            event_id=event["event_id"],
+            case_id=event["case_id"],
+            event_type="case_received",
+            at=received_at,
+            details={"source": event["source"], "channel": event["channel"]},
+        ),
     )
     insert_ignoring_duplicates(
         session,
         case_projection,
-        dict(case_id=event["case_id"], source=event["source"], title=event["title"], status="received",
-             kind=event.get("kind"), category=event.get("category"), street=event.get("street"),
-             residents_affected=event.get("residents_affected"), received_at=received_at, updated_at=now()),
+        dict(
+            case_id=event["case_id"],
+            source=event["source"],
+            title=event["title"],
+            status="received",
+            kind=event.get("kind"),
+            category=event.get("category"),
+            street=event.get("street"),
+            residents_affected=event.get("residents_affected"),
+            received_at=received_at,
+            updated_at=now(),
+        ),
     )
     return first_time
 

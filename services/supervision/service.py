@@ -3,25 +3,20 @@
 Today it keeps the case projection and answers ``case show``; rules, sweeps and the agenda are
 the supervision issue's work (see README, "Status of the services").
 """
-from nameko.dependency_providers import Config
-from nameko.events import EventDispatcher, event_handler
-from nameko.rpc import rpc
-from nameko.timer import timer
 
-from services.common import health
-from services.common.db import Database
-from services.common.http import NotFound, http
+from nameko.events import event_handler
+from nameko.rpc import rpc
+
+from services.common.base import ServiceBase
+from services.common.http import NotFound
 from services.common.outbox import OutboxRelay
 from services.supervision import projection
 from services.supervision.models import outbox
 
 
-class SupervisionService:
+class SupervisionService(ServiceBase):
     name = "supervision"
 
-    config = Config()
-    db = Database()
-    dispatch = EventDispatcher()
     relay = OutboxRelay(outbox)
 
     # requeue_on_error: a failure here (database down) must not ack the event away.
@@ -34,11 +29,3 @@ class SupervisionService:
     def get_case_record(self, case_id: str) -> dict:
         with self.db() as session:
             return projection.case_record(session, case_id)
-
-    @timer(interval=1)
-    def publish_pending_events(self):
-        self.relay.relay(self.db, self.dispatch)
-
-    @http("GET", "/health")
-    def health(self, request):
-        return health.respond(self.name, self.db, self.config["AMQP_URI"])

@@ -1,5 +1,6 @@
 """The README's run path, for real: `huiying up` starts four processes on RabbitMQ and the
 embedded SQLite database, the CLI talks to them, `huiying down` stops them."""
+
 import json
 import os
 import subprocess
@@ -34,9 +35,23 @@ def test_up_load_submit_show_status_down(stack_env):
     assert Path(stack_env["HUIYING_VAR_DIR"], "huiying.db").exists()
 
     assert huiying(stack_env, "directory", "load", DEMO_DIRECTORY).returncode == 0
-    submitted = json.loads(huiying(stack_env, "submit", "--source", "hotline-12345", "--external-id", "E2E-1",
-                                   "--title", "园山街道南片区交通拥堵", "--description", "早高峰拥堵严重",
-                                   "--street", "园山", "--json").stdout)
+    submitted = json.loads(
+        huiying(
+            stack_env,
+            "submit",
+            "--source",
+            "hotline-12345",
+            "--external-id",
+            "E2E-1",
+            "--title",
+            "园山街道南片区交通拥堵",
+            "--description",
+            "早高峰拥堵严重",
+            "--street",
+            "园山",
+            "--json",
+        ).stdout
+    )
     assert submitted["created"] is True
 
     def shown():

@@ -1,4 +1,5 @@
 """The operator CLI against running services: directory load, submit, import, case show."""
+
 import csv
 import json
 
@@ -36,8 +37,10 @@ def test_directory_load_reports_what_it_loaded(cli):
 
 def test_a_bad_directory_is_refused_with_the_entry_at_fault(cli, tmp_path):
     bad = tmp_path / "dir.yaml"
-    bad.write_text(DEMO_DIRECTORY.read_text(encoding="utf-8").replace("categories:\n  - traffic", "categories:\n  - trafic", 1),
-                   encoding="utf-8")
+    bad.write_text(
+        DEMO_DIRECTORY.read_text(encoding="utf-8").replace("categories:\n  - traffic", "categories:\n  - trafic", 1),
+        encoding="utf-8",
+    )
     result = cli("directory", "load", bad)
     assert result.exit_code == 1
     assert "departments[8].categories[0]: unknown category 'trafic'" in result.stderr
@@ -45,13 +48,31 @@ def test_a_bad_directory_is_refused_with_the_entry_at_fault(cli, tmp_path):
 
 
 def test_submit_then_case_show(cli):
-    result = cli("submit", "--source", "ws-pinghu", "--external-id", "PH-1", "--title", "托儿所学位不足",
-                 "--description", "平湖街道普惠性托育机构少", "--street", "平湖", "--category", "childcare",
-                 "--reporter-phone", "13700001234", "--json")
+    result = cli(
+        "submit",
+        "--source",
+        "ws-pinghu",
+        "--external-id",
+        "PH-1",
+        "--title",
+        "托儿所学位不足",
+        "--description",
+        "平湖街道普惠性托育机构少",
+        "--street",
+        "平湖",
+        "--category",
+        "childcare",
+        "--reporter-phone",
+        "13700001234",
+        "--json",
+    )
     submitted = json.loads(result.stdout)
     assert submitted["created"] is True
-    again = json.loads(cli("submit", "--source", "ws-pinghu", "--external-id", "PH-1", "--title", "x",
-                           "--description", "y", "--json").stdout)
+    again = json.loads(
+        cli(
+            "submit", "--source", "ws-pinghu", "--external-id", "PH-1", "--title", "x", "--description", "y", "--json"
+        ).stdout
+    )
     assert again == {"id": submitted["id"], "created": False}
 
     def shown():

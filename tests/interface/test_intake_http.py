@@ -1,4 +1,5 @@
 """The JSON HTTP API for ticketing systems, against real RabbitMQ and PostgreSQL."""
+
 import pytest
 import requests
 from sqlalchemy import func, select
@@ -24,9 +25,14 @@ def case_count(db):
 def test_a_ticket_becomes_one_case_and_one_event_however_often_it_is_sent(intake, db, event_tap):
     url, auth = intake
     tap = event_tap("intake", "case_received")
-    body = {"external_id": "12345-2026-0001", "title": "海吉星市场周边交通拥堵",
-            "description": "白坭坑片区早高峰人车混行，请求增设人车分流设施。联系人电话13812345678",
-            "category": "交通出行", "street": "平湖", "reporter_phone": "138 1234 5678"}
+    body = {
+        "external_id": "12345-2026-0001",
+        "title": "海吉星市场周边交通拥堵",
+        "description": "白坭坑片区早高峰人车混行，请求增设人车分流设施。联系人电话13812345678",
+        "category": "交通出行",
+        "street": "平湖",
+        "reporter_phone": "138 1234 5678",
+    }
 
     first = requests.post(f"{url}/api/v1/cases", json=body, headers=auth)
     again = requests.post(f"{url}/api/v1/cases", json=body, headers=auth)
@@ -52,7 +58,9 @@ def test_a_ticket_becomes_one_case_and_one_event_however_often_it_is_sent(intake
 def test_case_ids_are_readable_and_sortable(intake):
     url, auth = intake
     ids = [
-        requests.post(f"{url}/api/v1/cases", json={"external_id": f"n{i}", "title": "t", "description": "d"}, headers=auth).json()["id"]
+        requests.post(
+            f"{url}/api/v1/cases", json={"external_id": f"n{i}", "title": "t", "description": "d"}, headers=auth
+        ).json()["id"]
         for i in range(3)
     ]
     assert ids == sorted(ids)

@@ -1,4 +1,5 @@
 """Open311 GeoReport v2 on the intake service, in XML and JSON, as a standard client uses it."""
+
 from xml.etree import ElementTree as ET
 
 import pytest
@@ -32,9 +33,17 @@ def test_services_list_the_categories_in_both_formats(open311):
 
 def test_post_then_get_a_request(open311):
     base, key = open311
-    form = {"api_key": key, "service_code": "health", "description": "地铁站出口缺少AED除颤仪",
-            "address_string": "龙岗区坂田街道五和地铁站", "lat": "22.63", "long": "114.06",
-            "phone": "13900001111", "attribute[external_id]": "fms-123", "jurisdiction_id": "LG"}
+    form = {
+        "api_key": key,
+        "service_code": "health",
+        "description": "地铁站出口缺少AED除颤仪",
+        "address_string": "龙岗区坂田街道五和地铁站",
+        "lat": "22.63",
+        "long": "114.06",
+        "phone": "13900001111",
+        "attribute[external_id]": "fms-123",
+        "jurisdiction_id": "LG",
+    }
     posted = requests.post(f"{base}/requests.xml", data=form)
     assert posted.status_code == 200
     root = ET.fromstring(posted.content)
@@ -72,5 +81,10 @@ def test_errors_use_the_specification_format(open311):
     assert not_found.status_code == 404 and ET.fromstring(not_found.content).tag == "errors"
     bad_date = requests.get(f"{base}/requests.json", params={"start_date": "yesterday"})
     assert bad_date.status_code == 400 and bad_date.json()[0]["code"] == 400
-    assert requests.post(f"{base}/requests.json", data={"api_key": key, "service_code": "traffic", "description": "d",
-                                                         "jurisdiction_id": "elsewhere"}).status_code == 404
+    assert (
+        requests.post(
+            f"{base}/requests.json",
+            data={"api_key": key, "service_code": "traffic", "description": "d", "jurisdiction_id": "elsewhere"},
+        ).status_code
+        == 404
+    )

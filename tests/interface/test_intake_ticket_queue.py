@@ -1,4 +1,5 @@
 """The AMQP channel: a ticketing platform publishes straight to RabbitMQ."""
+
 import json
 
 import pytest
@@ -21,8 +22,9 @@ def publish(rabbit_config, run_services, rpc, demo_directory):
 
     def send(body, content_type="application/json"):
         raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-        producer.publish(raw, routing_key=ROUTING_KEY, content_type=content_type, content_encoding="utf-8",
-                         delivery_mode=2)
+        producer.publish(
+            raw, routing_key=ROUTING_KEY, content_type=content_type, content_encoding="utf-8", delivery_mode=2
+        )
 
     yield send
     connection.release()
@@ -48,8 +50,13 @@ def case_count(db):
         return connection.scalar(select(func.count()).select_from(cases))
 
 
-TICKET = {"source": "hotline-12345", "external_id": "GD-20261001-0042", "title": "南湾街道路灯不亮",
-          "description": "丹竹头社区一段路灯连续一周不亮", "street": "南湾"}
+TICKET = {
+    "source": "hotline-12345",
+    "external_id": "GD-20261001-0042",
+    "title": "南湾街道路灯不亮",
+    "description": "丹竹头社区一段路灯连续一周不亮",
+    "street": "南湾",
+}
 
 
 def test_a_ticket_becomes_a_case_and_an_event_once(publish, db, event_tap):

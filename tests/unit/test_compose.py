@@ -3,6 +3,7 @@
 yaml.safe_load resolves the anchors and ``<<`` merge keys, so each service is checked as Compose
 will see it, shared parts included.
 """
+
 import re
 import shlex
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Pure logic: masking, directory validation, the submission schema, import rows."""
+
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,10 @@ from services.intake.schemas import parse_submission
 from tests.conftest import DEMO_DIRECTORY
 
 
-@pytest.mark.parametrize("phone, masked", [("13812341234", "138****1234"), ("+86 138-1234-1234", "861****1234"),
-                                           ("", ""), (None, None), ("12345", "*****")])
+@pytest.mark.parametrize(
+    "phone, masked",
+    [("13812341234", "138****1234"), ("+86 138-1234-1234", "861****1234"), ("", ""), (None, None), ("12345", "*****")],
+)
 def test_mask_phone(phone, masked):
     assert mask_phone(phone) == masked
 
@@ -59,15 +62,25 @@ def test_directory_file_must_be_plain_yaml(tmp_path: Path):
 
 def test_submission_errors_name_fields_without_echoing_input():
     with pytest.raises(ValidationFailed) as error:
-        parse_submission({"source": "x", "external_id": "1", "title": "", "description": "d", "reporter_phone": "secret-138"})
+        parse_submission(
+            {"source": "x", "external_id": "1", "title": "", "description": "d", "reporter_phone": "secret-138"}
+        )
     fields = {d["field"] for d in error.value.details}
     assert fields == {"title", "reporter_phone"}
     assert "secret-138" not in str(error.value)
 
 
 def test_submission_normalises_phone_and_blank_fields():
-    submission = parse_submission({"source": "x", "external_id": "1", "title": " t ", "description": "d",
-                                   "reporter_phone": "138 1234-5678", "street": "  "})
+    submission = parse_submission(
+        {
+            "source": "x",
+            "external_id": "1",
+            "title": " t ",
+            "description": "d",
+            "reporter_phone": "138 1234-5678",
+            "street": "  ",
+        }
+    )
     assert (submission.title, submission.reporter_phone, submission.street) == ("t", "13812345678", None)
 
 

@@ -1,0 +1,36 @@
+"""What every Huiying service has: config, its database, an event dispatcher, the outbox relay
+(a timer publishes events still pending after a failed or interrupted publish) and ``/health``.
+
+A service subclasses ``ServiceBase`` and sets ``name`` and ``relay = OutboxRelay(its outbox)``;
+nameko finds inherited dependencies and entrypoints like its own.
+"""
+
+from nameko.dependency_providers import Config
+from nameko.events import EventDispatcher
+from nameko.timer import timer
+
+from services.common import health
+from services.common.db import Database
+from services.common.http import http
+from services.common.outbox import OutboxRelay
+
+
+class ServiceBase:
+    name: str
+    relay: OutboxRelay
+
+    config = Config()
+    db = Database()
+    dispatch = EventDispatcher()
+
+    def publish_events(self):
+        """Publish this service's pending outbox events now (called after each commit)."""
+        self.relay.relay(self.db, self.dispatch)
+
+    @timer(interval=1)
+    def publish_pending_events(self):
+        self.publish_events()
+
+    @http("GET", "/health")
+    def health(self, request):
+        return health.respond(self.name, self.db, self.config["AMQP_URI"])
