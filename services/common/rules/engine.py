@@ -1,0 +1,116 @@
+"""The one adapter around durable_rules 2.0.28. Every rule decision goes through here.
+
+durable_rules is unmaintained and has traps; this adapter engineers around each (and
+tests/unit/test_rules_engine.py proves it):
+
+- A posted *event* fires only the first matching rule. We assert each evaluation as a *fact*,
+  which fires every matching rule, drain all pending actions, then retract the fact.
+- More than 1024 live session ids raise MemoryError, and ``delete_state`` on a session whose
+  message matched nothing segfaults. We use one session id for everything and never delete
+  state: each evaluation's fact is retracted, so the session holds nothing between evaluations.
+- A ruleset name registers once per ``Host``, and every ``Host`` starts timer threads that never
+  stop. We never create a ``Host``: we drive the C engine (``durable_rules_engine``) directly, give
+  each compiled version a unique name and delete it when it is replaced.
+- Unmatched halves of multi-pattern rules stay in memory. Every rule here is one pattern.
+- durable's own session-state object is itself matched by rules such as "fact is missing". Every
+  rule requires the marker fact that only our facts carry.
+- "Every item" is false on an empty list: lists carry one empty item that no rule can name.
+- Deleting a ruleset does not give all its memory back (about 0.1 MB each): versions are
+  compiled only when the rule files' content changes.
+- Invalid regular expressions are accepted silently: conditions.py validates and translates them
+  before they reach the engine. Error messages are bare numbers: wrapped in ``RulesEngineError``.
+
+The C engine is not thread-safe; under eventlet an evaluation makes no blocking call, so it runs
+to completion without yielding, and a lock guards it anyway.
+"""
+
+import itertools
+import json
+import threading
+import uuid
+
+import durable_rules_engine
+
+from services.common.rules.conditions import MARKER, compile_condition, normalize
+
+_SESSION = "0"
+_lock = threading.RLock()
+
+
+class RulesEngineError(RuntimeError):
+    """durable_rules refused something; the message says what we were doing."""
+
+
+def _encode(value):
+    # durable's "every item" ($iall) is false on an empty list, where "x not in []" is true:
+    # a list always carries one empty-text item, which no rule can name (values are non-empty).
+    if isinstance(value, (list, tuple)):
+        return [*value, ""]
+    return value
+
+
+class CompiledRules:
+    """One version of a ruleset, loaded into durable_rules.
+
+    ``rules`` maps rule id → parsed condition tree (from conditions.parse)."""
+
+    def __init__(self, name: str, rules: dict[str, dict]):
+        self.name = name
+        self.rule_ids = list(rules)
+        self._engine_name = f"{name}-{uuid.uuid4().hex[:12]}"
+        self._ids = itertools.count(1)
+        self._handle = None
+        definition = {}
+        for index, (rule_id, tree) in enumerate(rules.items()):
+            expression = {"$and": [{MARKER: 1}, compile_condition(tree)]}
+            # durable rule names are its own; ours map back by position.
+            definition[f"r{index}"] = {"all": [{"m": expression}]}
+        self._names = {f"r{index}": rule_id for index, rule_id in enumerate(rules)}
+        if not definition:
+            return
+        try:
+            with _lock:
+                self._handle = durable_rules_engine.create_ruleset(
+                    self._engine_name, json.dumps(definition, ensure_ascii=False)
+                )
+        except durable_rules_engine.error as exc:
+            raise RulesEngineError(f"durable_rules could not compile ruleset {name!r}: {exc}") from None
+
+    def matching(self, facts: dict) -> list[str]:
+        """Ids of every rule whose condition holds for ``facts``, in rule order."""
+        if self._handle is None:
+            return []
+        fact = {k: _encode(v) for k, v in normalize(facts).items()}
+        fact.update({MARKER: 1, "id": next(self._ids), "sid": _SESSION})
+        body = json.dumps(fact, ensure_ascii=False)
+        fired = set()
+        with _lock:
+            try:
+                result = durable_rules_engine.assert_fact(self._handle, body)
+                if result[0] == 0:  # 0: handled (something matched); 1: nothing matched
+                    state_handle = result[1]
+                    pending = durable_rules_engine.start_action_for_state(self._handle, state_handle)
+                    message = pending[1] if pending else None
+                    while message:
+                        fired.update(json.loads(message).keys())
+                        message = durable_rules_engine.complete_and_start_action(self._handle, state_handle)
+            except durable_rules_engine.error as exc:
+                raise RulesEngineError(f"durable_rules failed evaluating {self.name!r}: {exc}") from None
+            finally:
+                try:
+                    durable_rules_engine.retract_fact(self._handle, body)
+                except durable_rules_engine.error:
+                    pass  # nothing was stored (the assert itself failed)
+        return [self._names[name] for name in sorted(fired, key=lambda n: int(n[1:]))]
+
+    def close(self):
+        with _lock:
+            if self._handle is not None:
+                durable_rules_engine.delete_ruleset(self._handle)
+                self._handle = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
