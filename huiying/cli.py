@@ -297,6 +297,159 @@ def import_(file, source, as_json):
     emit(as_json, report, human)
 
 
+# --- referrals, triage, feedback (routing) ---------------------------------------------------
+
+
+def _print_referrals(found):
+    if not found:
+        click.echo("no referrals")
+    for r in found:
+        extension = f"  extension {r['extension']['status']}" if r.get("extension") else ""
+        lead = " (lead)" if r["lead"] else ""
+        click.echo(f"{r['id']:24} {r['status']:10} due {r['due_at']}  {r['department_name']}{lead}{extension}")
+
+
+@main.group()
+def referral():
+    """Referrals to departments: list them and act on them as committee staff."""
+
+
+@referral.command("list")
+@click.option("--status", type=click.Choice(["referred", "accepted", "returned", "replied", "superseded"]))
+@click.option("--department", help="A department code.")
+@click.option("--case", "case_id", help="Only this case's referrals.")
+@click.option("--json", "as_json", is_flag=True)
+def referral_list(status, department, case_id, as_json):
+    with rpc_proxy() as proxy:
+        found = proxy.routing.list_referrals(status, department, case_id)
+    emit(as_json, found, _print_referrals)
+
+
+def _referral_step(referral_id, step, params, as_json):
+    with rpc_proxy() as proxy:
+        result = proxy.routing.referral_step(referral_id, step, params)
+    emit(as_json, result, lambda r: click.echo(json.dumps(r, ensure_ascii=False)))
+
+
+@referral.command("accept")
+@click.argument("referral_id")
+@click.option("--json", "as_json", is_flag=True)
+def referral_accept(referral_id, as_json):
+    """The department accepts the referral."""
+    _referral_step(referral_id, "accept", {}, as_json)
+
+
+@referral.command("return")
+@click.argument("referral_id")
+@click.option("--reason", required=True, help="Why it is not this department's (退回理由).")
+@click.option("--json", "as_json", is_flag=True)
+def referral_return(referral_id, reason, as_json):
+    """Return (退回) a referral within the return window; the case is re-routed or triaged."""
+    _referral_step(referral_id, "return", {"reason": reason}, as_json)
+
+
+@referral.command("extend")
+@click.argument("referral_id")
+@click.option("--days", type=int, required=True, help="Working days asked for (延期).")
+@click.option("--reason", required=True)
+@click.option("--json", "as_json", is_flag=True)
+def referral_extend(referral_id, days, reason, as_json):
+    """Ask for more time before the deadline."""
+    _referral_step(referral_id, "extension", {"working_days": days, "reason": reason}, as_json)
+
+
+@referral.command("decide")
+@click.argument("referral_id")
+@click.option("--grant/--refuse", required=True)
+@click.option("--note")
+@click.option("--json", "as_json", is_flag=True)
+def referral_decide(referral_id, grant, note, as_json):
+    """Grant or refuse a pending extension request (staff)."""
+    _referral_step(referral_id, "extension_decision", {"grant": grant, "note": note}, as_json)
+
+
+@referral.command("reply")
+@click.argument("referral_id")
+@click.option("--result", required=True, help="What was done (答复).")
+@click.option("--json", "as_json", is_flag=True)
+def referral_reply(referral_id, result, as_json):
+    """The department's reply with the result."""
+    _referral_step(referral_id, "reply", {"result": result}, as_json)
+
+
+@main.command()
+@click.argument("case_id")
+@click.option("--rating", required=True, type=click.Choice(["满意", "基本满意", "不满意"]))
+@click.option("--comment")
+@click.option("--json", "as_json", is_flag=True)
+def feedback(case_id, rating, comment, as_json):
+    """Record the citizen's rating of a replied case; 不满意 reopens it for redo (重办)."""
+    with rpc_proxy() as proxy:
+        result = proxy.routing.record_feedback(case_id, rating, comment)
+    emit(as_json, result, lambda r: click.echo(f"{r['case_id']}: {r['status']}"))
+
+
+@main.group()
+def triage():
+    """Cases no rule could route: staff route them by hand (人工分派)."""
+
+
+@triage.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def triage_list(as_json):
+    with rpc_proxy() as proxy:
+        cases = proxy.routing.list_triage()
+
+    def human(found):
+        if not found:
+            click.echo("the triage list is empty")
+        for c in found:
+            click.echo(f"{c['case_id']}  {c['title']}  [{c['category'] or '-'} / {c['street'] or '-'}]  {c['reason']}")
+
+    emit(as_json, cases, human)
+
+
+@triage.command("route")
+@click.argument("case_id")
+@click.option("--department", "departments", multiple=True, required=True, help="Repeat for several.")
+@click.option("--lead", help="The lead department (default: the first).")
+@click.option("--json", "as_json", is_flag=True)
+def triage_route(case_id, departments, lead, as_json):
+    with rpc_proxy() as proxy:
+        result = proxy.routing.route_triaged_case(case_id, list(departments), lead)
+    emit(as_json, result, lambda r: _print_referrals_brief(r))
+
+
+def _print_referrals_brief(result):
+    for r in result.get("referrals", []):
+        click.echo(f"{r['referral_id']}  {r['department_name']}{' (lead)' if r['lead'] else ''}  due {r['due_at']}")
+
+
+@main.group()
+def rules():
+    """The rule files in rules/."""
+
+
+@rules.command("reload")
+@click.option("--json", "as_json", is_flag=True)
+def rules_reload(as_json):
+    """Make the running services load the rule files now (a bad file is refused)."""
+    with rpc_proxy() as proxy:
+        status = {"routing": proxy.routing.reload_rules()}
+    emit(
+        as_json,
+        status,
+        lambda s: [
+            click.echo(
+                f"{name}: version {v['version']}" + (f"; REFUSED: {'; '.join(v['problems'])}" if v["problems"] else "")
+            )
+            for name, v in s.items()
+        ],
+    )
+    if any(v["problems"] for v in status.values()):
+        sys.exit(1)
+
+
 @main.group()
 def case():
     """One case's whole-process record."""

@@ -51,11 +51,33 @@ class NotFound(ApiError):
     code = "not_found"
 
 
+class Conflict(ApiError):
+    """A step that is not allowed in the current state (a reply to a returned referral, ...)."""
+
+    status = 409
+    code = "illegal_step"
+
+
 class ValidationFailed(ApiError):
     """Bad input: ``details`` lists ``{"field", "problem"}``, one per problem."""
 
     status = 422
     code = "validation_failed"
+
+
+def json_body(request) -> dict:
+    """The request's JSON object, or a 400 naming the problem."""
+    try:
+        data = json.loads(request.get_data(as_text=True) or "{}")
+    except ValueError as exc:
+        raise ValidationFailed(
+            f"body is not valid JSON: {exc}", [{"field": None, "problem": "not JSON"}], status=400
+        ) from None
+    if not isinstance(data, dict):
+        raise ValidationFailed(
+            "the body must be a JSON object", [{"field": None, "problem": "not an object"}], status=400
+        )
+    return data
 
 
 def json_response(status: int, body, headers: dict | None = None) -> Response:

@@ -1,42 +1,264 @@
-"""The routing nameko service: entrypoints only.
+"""The routing nameko service: entrypoints only. The work is in rules.py (what the rule files
+decide) and referrals.py (the lifecycle); events leave through the outbox after each commit."""
 
-Today it records every received case as awaiting routing; rule-driven triage, referrals and
-deadlines are the routing issue's work (see README, "Status of the services").
-"""
-
-from datetime import datetime
+import logging
+import time
+from pathlib import Path
 
 from nameko.events import event_handler
+from nameko.rpc import RpcProxy, rpc
+from nameko.timer import timer
 
 from services.common.base import ServiceBase
+from services.common.http import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    ValidationFailed,
+    http,
+    json_body,
+    json_response,
+)
 from services.common.outbox import OutboxRelay
+from services.common.rules.provider import Rules
 from services.common.timeutil import now
-from services.common.upsert import insert_ignoring_duplicates
-from services.routing.models import outbox, routing_cases
+from services.common.workdays import WorkingCalendar
+from services.routing import referrals
+from services.routing import rules as routing_rules
+from services.routing.models import outbox
 
-AWAITING_ROUTING = "awaiting_routing"
+log = logging.getLogger(__name__)
+EXPECTED = (NotFound, Forbidden, Conflict, ValidationFailed)
+CLI_ACTOR = {"role": "staff", "subject": "cli"}
+
+
+class RoutingRules:
+    """Routing's rule files and the working-day calendar beside them, loaded together."""
+
+    def __init__(self, directory: Path):
+        self.rules = routing_rules.load(directory)
+        self.calendar = WorkingCalendar.from_file(Path(directory) / "calendar" / "holidays.yaml")
+
+    def close(self):
+        self.rules.close()
+
+
+def load_routing(directory: Path) -> RoutingRules:
+    from services.common.rules.ruleset import Problem, RulesetInvalid
+    from services.common.workdays import CalendarFileError
+
+    try:
+        return RoutingRules(directory)
+    except CalendarFileError as exc:
+        raise RulesetInvalid([Problem("rules/calendar/holidays.yaml", 1, str(exc))]) from None
+
+
+class KeyCache:
+    """API keys checked with intake (which owns credentials), remembered for a minute."""
+
+    def __init__(self, ttl: float = 60):
+        self.ttl, self.entries = ttl, {}
+
+    def get(self, key):
+        hit = self.entries.get(key)
+        return hit[1] if hit and hit[0] > time.monotonic() else None
+
+    def put(self, key, actor):
+        if len(self.entries) > 10_000:
+            self.entries.clear()
+        self.entries[key] = (time.monotonic() + self.ttl, actor)
 
 
 class RoutingService(ServiceBase):
     name = "routing"
 
     relay = OutboxRelay(outbox)
+    rules = Rules(load_routing)
+    intake = RpcProxy("intake")
 
-    # requeue_on_error: a failure here (database down) must not ack the event away.
+    keys = KeyCache()
+    department_names: dict = {}
+
+    # --- shared steps ---------------------------------------------------------------------
+
+    def _context(self) -> referrals.Context:
+        loaded = self.rules.get()
+        if not self.department_names:
+            self._refresh_directory()
+        return referrals.Context(loaded.rules, loaded.calendar, dict(self.department_names), now())
+
+    def _refresh_directory(self):
+        directory = self.intake.get_directory()
+        if directory:
+            type(self).department_names = {d["code"]: d["name"] for d in directory["departments"]}
+
+    def _step(self, function, *args):
+        """Run one lifecycle step in a transaction, then publish its events."""
+        with self.db.begin() as session:
+            result = function(session, self._context(), *args)
+        self.publish_events()
+        return result
+
+    def _actor(self, request) -> dict:
+        auth = request.headers.get("Authorization", "")
+        key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-Api-Key")
+        if not key:
+            raise Unauthorized("an API key is required: Authorization: Bearer KEY")
+        actor = self.keys.get(key)
+        if actor is None:
+            actor = self.intake.authenticate(key)
+            if actor is None:
+                raise Unauthorized("unknown or revoked API key")
+            self.keys.put(key, actor)
+        return actor
+
+    # --- events -------------------------------------------------------------------------------
+
+    # requeue_on_error: a failure here (database down) must not ack the case away.
     @event_handler("intake", "case_received", requeue_on_error=True)
     def on_case_received(self, event):
         with self.db.begin() as session:
-            insert_ignoring_duplicates(
-                session,
-                routing_cases,
-                dict(
-                    case_id=event["case_id"],
-                    source=event["source"],
-                    category=event.get("category"),
-                    street=event.get("street"),
-                    kind=event.get("kind"),
-                    status=AWAITING_ROUTING,
-                    received_at=datetime.fromisoformat(event["received_at"]),
-                    recorded_at=now(),
-                ),
+            if referrals.record_case(session, event, now()):  # False: a redelivery, already routed
+                referrals.route(session, self._context(), event["case_id"])
+        self.publish_events()
+
+    @event_handler("intake", "directory_loaded")
+    def on_directory_loaded(self, event):
+        self._refresh_directory()
+
+    @timer(interval=2)
+    def watch_rule_files(self):
+        self.rules.refresh()
+
+    # --- RPC (the operator CLI) -------------------------------------------------------------
+
+    @rpc
+    def reload_rules(self) -> dict:
+        self.rules.refresh(force=True)
+        return self.rules.status()
+
+    @rpc
+    def rules_status(self) -> dict:
+        return self.rules.status()
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_referrals(self, status=None, department=None, case_id=None) -> list:
+        with self.db() as session:
+            return referrals.list_referrals(
+                session, CLI_ACTOR, self._context().department_names, status, department, case_id
             )
+
+    @rpc(expected_exceptions=EXPECTED)
+    def get_case_routing(self, case_id) -> dict:
+        with self.db() as session:
+            return referrals.case_view(session, case_id, CLI_ACTOR, self._context().department_names)
+
+    @rpc
+    def list_triage(self) -> list:
+        with self.db() as session:
+            return referrals.triage_list(session)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def route_triaged_case(self, case_id, departments, lead=None) -> dict:
+        return self._step(referrals.route_from_triage, CLI_ACTOR, case_id, departments, lead)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def referral_step(self, referral_id, step, params=None) -> dict:
+        return self._apply(CLI_ACTOR, referral_id, step, params or {})
+
+    @rpc(expected_exceptions=EXPECTED)
+    def record_feedback(self, case_id, rating, comment=None) -> dict:
+        return self._step(referrals.feedback, CLI_ACTOR, case_id, rating, comment)
+
+    def _apply(self, actor, referral_id, step, params):
+        if step == "accept":
+            return self._step(referrals.accept, actor, referral_id)
+        if step == "return":
+            return self._step(referrals.return_referral, actor, referral_id, params.get("reason"))
+        if step == "extension":
+            return self._step(
+                referrals.request_extension, actor, referral_id, params.get("working_days"), params.get("reason")
+            )
+        if step == "extension_decision":
+            grant = params.get("grant")
+            if not isinstance(grant, bool):
+                raise ValidationFailed("grant must be true or false", [{"field": "grant", "problem": "missing"}])
+            return self._step(referrals.decide_extension, actor, referral_id, grant, params.get("note"))
+        if step == "reply":
+            return self._step(referrals.reply, actor, referral_id, params.get("result"))
+        raise NotFound(f"no step {step!r}")
+
+    # --- HTTP: the department API -----------------------------------------------------------
+
+    @http("GET", "/api/v1/referrals")
+    def http_list_referrals(self, request):
+        actor = self._actor(request)
+        if actor["role"] not in ("department", "staff"):
+            raise Forbidden("referrals are for departments and staff")
+        args = request.args
+        with self.db() as session:
+            found = referrals.list_referrals(
+                session,
+                actor,
+                self._context().department_names,
+                args.get("status"),
+                args.get("department"),
+                args.get("case_id"),
+                int(args.get("limit", 200)) if args.get("limit", "").isdigit() else 200,
+            )
+        return json_response(200, {"referrals": found})
+
+    @http("GET", "/api/v1/referrals/<referral_id>")
+    def http_get_referral(self, request, referral_id):
+        actor = self._actor(request)
+        with self.db() as session:
+            row = referrals._referral(session, referral_id, actor, lock=False)
+            return json_response(200, referrals.referral_view(row, self._context().department_names))
+
+    @http("POST", "/api/v1/referrals/<referral_id>/<any(accept,return,extension,reply):step>")
+    def http_referral_step(self, request, referral_id, step):
+        actor = self._actor(request)
+        if actor["role"] not in ("department", "staff"):
+            raise Forbidden("referral steps are for departments and staff")
+        return json_response(200, self._apply(actor, referral_id, step, json_body(request)))
+
+    @http("POST", "/api/v1/referrals/<referral_id>/extension/decision")
+    def http_extension_decision(self, request, referral_id):
+        actor = self._actor(request)
+        return json_response(200, self._apply(actor, referral_id, "extension_decision", json_body(request)))
+
+    @http("POST", "/api/v1/cases/<case_id>/feedback")
+    def http_feedback(self, request, case_id):
+        actor = self._actor(request)
+        body = json_body(request)
+        return json_response(
+            200, self._step(referrals.feedback, actor, case_id, body.get("rating"), body.get("comment"))
+        )
+
+    @http("GET", "/api/v1/cases/<case_id>")
+    def http_case(self, request, case_id):
+        actor = self._actor(request)
+        with self.db() as session:
+            return json_response(200, referrals.case_view(session, case_id, actor, self._context().department_names))
+
+    @http("GET", "/api/v1/triage")
+    def http_triage(self, request):
+        if self._actor(request)["role"] != "staff":
+            raise Forbidden("the triage list is for committee staff")
+        with self.db() as session:
+            return json_response(200, {"cases": referrals.triage_list(session)})
+
+    @http("POST", "/api/v1/triage/<case_id>/route")
+    def http_route_triaged(self, request, case_id):
+        actor = self._actor(request)
+        body = json_body(request)
+        departments = body.get("departments")
+        if not isinstance(departments, list) or not all(isinstance(d, str) for d in departments):
+            raise ValidationFailed(
+                "departments must be a list of department codes",
+                [{"field": "departments", "problem": "not a list of codes"}],
+            )
+        return json_response(
+            200, self._step(referrals.route_from_triage, actor, case_id, departments, body.get("lead"))
+        )
