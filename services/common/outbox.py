@@ -34,7 +34,7 @@ def outbox_table(metadata: MetaData, service: str) -> Table:
 def add_event(session, table: Table, event_type: str, payload: dict) -> dict:
     """Queue an event in the caller's transaction; returns the payload as it will be sent."""
     created = now()
-    message = {"event_id": str(uuid.uuid4()), "occurred_at": iso(created), **payload}
+    message = {"event_id": str(uuid.uuid4()), "event_type": event_type, "occurred_at": iso(created), **payload}
     session.execute(
         insert(table).values(event_id=message["event_id"], event_type=event_type, payload=message, created_at=created)
     )

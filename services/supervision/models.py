@@ -20,6 +20,31 @@ case_projection = Table(
     Column("residents_affected", Integer),
     Column("received_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    Column("lead_department", String(64)),
+    Column("departments", JSON),  # every department the case was referred to
+    Column("first_referred_at", UTCDateTime),
+    Column("returns", Integer, nullable=False, server_default="0"),
+    Column("extensions", Integer, nullable=False, server_default="0"),
+    Column("reopen_count", Integer, nullable=False, server_default="0"),
+    Column("unsatisfied_count", Integer, nullable=False, server_default="0"),
+    Column("last_rating", String(8)),
+)
+
+referral_projection = Table(
+    "supervision_referrals",
+    metadata,
+    Column("referral_id", String(48), primary_key=True),
+    Column("case_id", String(32), nullable=False),
+    Column("department", String(64), nullable=False),
+    Column("department_name", String(200)),
+    Column("is_lead", Integer, nullable=False),
+    Column("round", Integer, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("extension", String(16)),
+    Column("referred_at", UTCDateTime, nullable=False),
+    Column("due_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Index("ix_supervision_referrals_case", "case_id"),
 )
 
 # The whole-process record: one row per event about a case, each event recorded once.

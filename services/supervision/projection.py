@@ -1,46 +1,188 @@
-"""Supervision's projection of cases: updated from events, read by ``huiying case show``."""
+"""Supervision's projection of cases, built only from bus events (it never reads another
+service's tables), and the whole-process record that ``huiying case show`` prints.
+
+Every event is recorded once in the timeline (its ``event_id`` is unique), and only a first
+recording changes the projection, so redelivered events change nothing. Events from routing may
+overtake the ``case_received`` from intake (different queues): the case row is then started
+from what routing's event carries and completed when intake's event arrives.
+"""
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from services.common.http import NotFound
-from services.common.timeutil import iso, now
+from services.common.timeutil import iso
 from services.common.upsert import insert_ignoring_duplicates
-from services.supervision.models import case_projection, timeline
+from services.supervision.models import case_projection, referral_projection, timeline
+
+ROUTING_EVENTS = (
+    "case_referred",
+    "case_needs_triage",
+    "referral_accepted",
+    "referral_returned",
+    "extension_requested",
+    "extension_granted",
+    "extension_refused",
+    "referral_replied",
+    "feedback_received",
+    "case_reopened",
+    "case_closed",
+)
+CASE_STATUS = {
+    "case_referred": "referred",
+    "case_needs_triage": "triage",
+    "case_reopened": "reopened",
+    "case_closed": "closed",
+}
+REFERRAL_STATUS = {"referral_accepted": "accepted", "referral_returned": "returned", "referral_replied": "replied"}
+EXTENSION = {"extension_requested": "requested", "extension_granted": "granted", "extension_refused": "refused"}
+DETAIL_KEYS = (
+    "department",
+    "department_name",
+    "referral_id",
+    "reason",
+    "rating",
+    "working_days",
+    "due_at",
+    "result",
+    "round",
+    "reopen_count",
+    "source",
+    "channel",
+    "category",
+    "street",
+)
 
 
-def record_case_received(session, event: dict) -> bool:
-    """Project a ``case_received`` event; False when this event was already recorded."""
-    received_at = datetime.fromisoformat(event["received_at"])
-    first_time = insert_ignoring_duplicates(
+def _at(event: dict) -> datetime:
+    return datetime.fromisoformat(event.get("at") or event["occurred_at"])
+
+
+def _record(session, event_type: str, event: dict, at: datetime) -> bool:
+    details = {k: event[k] for k in DETAIL_KEYS if event.get(k) is not None}
+    if event_type == "case_referred":
+        details["departments"] = [r["department_name"] for r in event["referrals"]]
+    return insert_ignoring_duplicates(
         session,
         timeline,
-        dict(
-            event_id=event["event_id"],
-            case_id=event["case_id"],
-            event_type="case_received",
-            at=received_at,
-            details={"source": event["source"], "channel": event["channel"]},
-        ),
+        dict(event_id=event["event_id"], case_id=event["case_id"], event_type=event_type, at=at, details=details),
     )
+
+
+def _ensure_case(session, event: dict, at: datetime):
     insert_ignoring_duplicates(
         session,
         case_projection,
         dict(
             case_id=event["case_id"],
-            source=event["source"],
-            title=event["title"],
+            source=event.get("source") or "",
+            title="",
             status="received",
             kind=event.get("kind"),
             category=event.get("category"),
             street=event.get("street"),
-            residents_affected=event.get("residents_affected"),
-            received_at=received_at,
-            updated_at=now(),
+            received_at=at,
+            updated_at=at,
+            departments=[],
+            returns=0,
+            extensions=0,
+            reopen_count=0,
+            unsatisfied_count=0,
         ),
     )
-    return first_time
+
+
+def record_case_received(session, event: dict) -> bool:
+    """Project a ``case_received`` event; False when this event was already recorded."""
+    received_at = datetime.fromisoformat(event["received_at"])
+    if not _record(session, "case_received", event, received_at):
+        return False
+    _ensure_case(session, event, received_at)
+    session.execute(
+        update(case_projection)
+        .where(case_projection.c.case_id == event["case_id"])
+        .values(
+            source=event["source"],
+            title=event["title"],
+            received_at=received_at,
+            residents_affected=event.get("residents_affected"),
+            kind=case_projection.c.kind if event.get("kind") is None else event["kind"],
+            category=case_projection.c.category if event.get("category") is None else event["category"],
+            street=case_projection.c.street if event.get("street") is None else event["street"],
+        )
+    )
+    return True
+
+
+def record_routing_event(session, event: dict) -> bool:
+    """Project one of routing's events; False when it was already recorded."""
+    event_type = event["event_type"]
+    at = _at(event)
+    if not _record(session, event_type, event, at):
+        return False
+    _ensure_case(session, event, at)
+    case_id = event["case_id"]
+    case = session.execute(select(case_projection).where(case_projection.c.case_id == case_id)).first()
+    values = {"updated_at": at}
+    if event_type in CASE_STATUS:
+        values["status"] = CASE_STATUS[event_type]
+    if event_type == "case_referred":
+        departments = list(dict.fromkeys([*(case.departments or []), *(r["department"] for r in event["referrals"])]))
+        values.update(
+            departments=departments,
+            lead_department=event["referrals"][0]["department"],
+            first_referred_at=case.first_referred_at or at,
+            category=event.get("category") or case.category,
+            kind=event.get("kind") or case.kind,
+        )
+        for r in event["referrals"]:
+            insert_ignoring_duplicates(
+                session,
+                referral_projection,
+                dict(
+                    referral_id=r["referral_id"],
+                    case_id=case_id,
+                    department=r["department"],
+                    department_name=r.get("department_name"),
+                    is_lead=int(bool(r.get("lead"))),
+                    round=event["round"],
+                    status="referred",
+                    referred_at=at,
+                    due_at=datetime.fromisoformat(r["due_at"]),
+                    updated_at=at,
+                ),
+            )
+    elif event_type == "case_needs_triage":
+        values.update(category=event.get("category") or case.category)
+    elif event_type == "referral_returned":
+        values["returns"] = case.returns + 1
+    elif event_type == "extension_requested":
+        values["extensions"] = case.extensions + 1
+    elif event_type == "referral_replied" and event.get("case_replied"):
+        values["status"] = "replied"
+    elif event_type == "feedback_received":
+        values.update(
+            last_rating=event["rating"], unsatisfied_count=case.unsatisfied_count + (event["rating"] == "不满意")
+        )
+    elif event_type == "case_reopened":
+        values["reopen_count"] = event["reopen_count"]
+    session.execute(update(case_projection).where(case_projection.c.case_id == case_id).values(**values))
+
+    referral_values = {}
+    if event_type in REFERRAL_STATUS:
+        referral_values["status"] = REFERRAL_STATUS[event_type]
+    if event_type in EXTENSION:
+        referral_values["extension"] = EXTENSION[event_type]
+    if event_type == "extension_granted":
+        referral_values["due_at"] = datetime.fromisoformat(event["due_at"])
+    if referral_values and event.get("referral_id"):
+        session.execute(
+            update(referral_projection)
+            .where(referral_projection.c.referral_id == event["referral_id"])
+            .values(updated_at=at, **referral_values)
+        )
+    return True
 
 
 def case_record(session, case_id: str) -> dict:
@@ -53,6 +195,11 @@ def case_record(session, case_id: str) -> dict:
         .where(timeline.c.case_id == case_id)
         .order_by(timeline.c.at, timeline.c.id)
     ).all()
+    referral_rows = session.execute(
+        select(referral_projection)
+        .where(referral_projection.c.case_id == case_id)
+        .order_by(referral_projection.c.round, referral_projection.c.referred_at, referral_projection.c.referral_id)
+    ).all()
     return {
         "id": row.case_id,
         "source": row.source,
@@ -62,7 +209,24 @@ def case_record(session, case_id: str) -> dict:
         "category": row.category,
         "street": row.street,
         "received_at": iso(row.received_at),
-        "referrals": [],
+        "referrals": [
+            {
+                "id": r.referral_id,
+                "department": r.department,
+                "department_name": r.department_name or r.department,
+                "lead": bool(r.is_lead),
+                "round": r.round,
+                "status": r.status,
+                "extension": r.extension,
+                "referred_at": iso(r.referred_at),
+                "due_at": iso(r.due_at),
+            }
+            for r in referral_rows
+        ],
+        "returns": row.returns,
+        "extensions": row.extensions,
+        "reopen_count": row.reopen_count,
+        "last_rating": row.last_rating,
         "timeline": [{"at": iso(s.at), "event": s.event_type, "details": s.details or {}} for s in steps],
         "escalations": [],
     }
