@@ -11,7 +11,7 @@ import uuid
 from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, insert, select, update
 
 from services.common.db import UTCDateTime
-from services.common.timeutil import iso, now
+from services.common.timeutil import now, to_cst
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,13 @@ def outbox_table(metadata: MetaData, service: str) -> Table:
 def add_event(session, table: Table, event_type: str, payload: dict) -> dict:
     """Queue an event in the caller's transaction; returns the payload as it will be sent."""
     created = now()
-    message = {"event_id": str(uuid.uuid4()), "event_type": event_type, "occurred_at": iso(created), **payload}
+    # Full precision: consumers order events by it.
+    message = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "occurred_at": to_cst(created).isoformat(),
+        **payload,
+    }
     session.execute(
         insert(table).values(event_id=message["event_id"], event_type=event_type, payload=message, created_at=created)
     )

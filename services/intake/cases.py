@@ -5,6 +5,7 @@ Plain functions over a SQLAlchemy session; the nameko service only calls them.
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
@@ -188,6 +189,8 @@ def case_view(row) -> dict:
         "reporter_phone": mask_phone(row.reporter_phone),
         "received_at": iso(row.received_at),
         "updated_at": iso(row.updated_at),
+        "agency_responsible": row.agency_responsible,
+        "expected_at": iso(row.expected_at),
     }
 
 
@@ -196,3 +199,39 @@ def get_case_row(session, case_id: str):
     if row is None:
         raise NotFound(f"no case {case_id!r}")
     return row
+
+
+# What a ticketing system sees of routing's progress: (status, note) per event.
+STATUS_FROM_ROUTING = {
+    "case_referred": ("referred", "已转交{departments}办理"),
+    "case_needs_triage": ("triage", "正在人工分派"),
+    "referral_replied": ("replied", "已答复：{result}"),
+    "case_reopened": ("reopened", "群众不满意，已重办"),
+    "case_closed": ("closed", "已办结（评价：{rating}）"),
+}
+
+
+def apply_routing_status(session, event: dict) -> bool:
+    """Update a case's status from one of routing's events; False when it changes nothing.
+
+    Events are applied in the order they occurred: an older event arriving late is ignored."""
+    event_type = event["event_type"]
+    if event_type == "referral_replied" and not event.get("case_replied"):
+        return False
+    status, note = STATUS_FROM_ROUTING[event_type]
+    occurred = datetime.fromisoformat(event["occurred_at"])
+    values = {"status": status, "updated_at": occurred}
+    if event_type == "case_referred":
+        lead = event["referrals"][0]
+        names = "、".join(r["department_name"] for r in event["referrals"])
+        values.update(
+            agency_responsible=lead["department_name"],
+            expected_at=datetime.fromisoformat(lead["due_at"]),
+            status_notes=note.format(departments=names),
+        )
+    else:
+        values["status_notes"] = note.format(result=(event.get("result") or "")[:500], rating=event.get("rating", ""))
+    result = session.execute(
+        update(cases).where(cases.c.id == event["case_id"], cases.c.updated_at <= occurred).values(**values)
+    )
+    return result.rowcount == 1

@@ -40,6 +40,8 @@ cases = Table(
     Column("reporter_phone", String(32)),  # stored for call-backs; masked in every output
     Column("status", String(32), nullable=False),
     Column("status_notes", Text),
+    Column("agency_responsible", String(200)),  # the lead department's name, once referred
+    Column("expected_at", UTCDateTime),  # the lead referral's deadline
     Column("received_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
     UniqueConstraint("source", "external_id", name="uq_intake_cases_source_external_id"),

@@ -4,6 +4,7 @@ credentials.py; events leave through the outbox after each commit."""
 import json
 import logging
 
+from nameko.events import event_handler
 from nameko.rpc import rpc
 from sqlalchemy import select
 
@@ -113,6 +114,17 @@ class IntakeService(ServiceBase):
     def authenticate(self, key: str) -> dict | None:
         with self.db() as session:
             return credentials.authenticate(session, key)
+
+    # --- status from routing (what the JSON API and Open311 report back) ---------------------
+
+    @event_handler("routing", "case_referred", requeue_on_error=True)
+    @event_handler("routing", "case_needs_triage", requeue_on_error=True)
+    @event_handler("routing", "referral_replied", requeue_on_error=True)
+    @event_handler("routing", "case_reopened", requeue_on_error=True)
+    @event_handler("routing", "case_closed", requeue_on_error=True)
+    def on_routing_status(self, event):
+        with self.db.begin() as session:
+            cases.apply_routing_status(session, event)
 
     # --- AMQP ticket queue -------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ DETAIL_KEYS = (
 
 
 def _at(event: dict) -> datetime:
-    return datetime.fromisoformat(event.get("at") or event["occurred_at"])
+    return datetime.fromisoformat(event["occurred_at"])  # full precision: the timeline's order
 
 
 def _record(session, event_type: str, event: dict, at: datetime) -> bool:

@@ -45,7 +45,7 @@ def test_supervision_listens_to_every_routing_event():
     assert handled == set(ROUTING_EVENTS)
 
 
-def test_a_case_from_receipt_to_redo_and_closure(cli):
+def test_a_case_from_receipt_to_redo_and_closure(cli, rpc):
     submitted = json.loads(
         cli(
             "submit",
@@ -64,6 +64,9 @@ def test_a_case_from_receipt_to_redo_and_closure(cli):
     )
     case_id = submitted["id"]
     first = record(cli, case_id, lambda r: len(r["referrals"]) == 2)
+    at_intake = wait_for(lambda: (c := rpc.intake.get_case(case_id))["status"] == "referred" and c)
+    assert at_intake["agency_responsible"] == "深圳市交通运输局龙岗管理局"
+    assert at_intake["expected_at"] == first["referrals"][0]["due_at"]
     assert [(r["department"], r["lead"], r["status"]) for r in first["referrals"]] == [
         ("jtglj", True, "referred"),
         ("jjdd", False, "referred"),
@@ -100,6 +103,8 @@ def test_a_case_from_receipt_to_redo_and_closure(cli):
     ):
         assert expected in events
     assert final["extensions"] == 1 and final["last_rating"] == "满意"
+    closed = wait_for(lambda: (c := rpc.intake.get_case(case_id))["status"] == "closed" and c)
+    assert closed["status_notes"] == "已办结（评价：满意）"
     human = cli("case", "show", case_id).stdout
     assert "深圳市交通运输局龙岗管理局" in human and "case_closed" in human
 
