@@ -427,7 +427,122 @@ def _print_referrals_brief(result):
 
 @main.group()
 def rules():
-    """The rule files in rules/."""
+    """The rule files in rules/: check, test, simulate, explain, reload."""
+
+
+RULESETS = ("routing", "supervision")
+
+
+def _load_rulesets(directory: Path):
+    """Every ruleset in DIR with the calendar; ``(loaded, problems)``."""
+    from services.common.rules.provider import with_calendar
+    from services.common.rules.ruleset import RulesetInvalid
+    from services.routing import rules as routing_rules
+    from services.supervision import rules as supervision_rules
+
+    loaders = {"routing": routing_rules.load, "supervision": supervision_rules.load}
+    loaded, problems = {}, []
+    for name in RULESETS:
+        try:
+            loaded[name] = with_calendar(loaders[name])(directory)
+        except RulesetInvalid as exc:
+            problems += [str(p) for p in exc.problems]
+    return loaded, problems
+
+
+@rules.command("check")
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+def rules_check(directory):
+    """Validate the rule files; each problem as FILE:LINE: message on stderr."""
+    directory = directory or settings.rules_dir()
+    loaded, problems = _load_rulesets(directory)
+    for problem in dict.fromkeys(problems):
+        click.echo(problem, err=True)
+    if problems:
+        sys.exit(1)
+    for name, rules_and_calendar in loaded.items():
+        ruleset = rules_and_calendar.rules
+        click.echo(f"{name}: {len(ruleset.rules)} rules, version {ruleset.version}: valid")
+
+
+@rules.command("test")
+@click.argument("directory", required=False, type=click.Path(path_type=Path))
+def rules_test(directory):
+    """Run the *.test.yaml cases beside the rules; exit 1 on a failure."""
+    from services.common.rules import testing
+    from services.routing.rules import STAGES as ROUTING_STAGES
+    from services.supervision.rules import STAGES as SUPERVISION_STAGES
+
+    directory = directory or settings.rules_dir()
+    loaded, problems = _load_rulesets(directory)
+    for problem in dict.fromkeys(problems):
+        click.echo(problem, err=True)
+    if problems:
+        raise CliError("the rules are invalid; fix them first ('huiying rules check')")
+    stages = {"routing": ROUTING_STAGES, "supervision": SUPERVISION_STAGES}
+    outcomes = []
+    for name, rules_and_calendar in loaded.items():
+        outcomes += testing.run(Path(directory) / name, rules_and_calendar.rules, stages[name])
+    for outcome in outcomes:
+        if outcome.passed:
+            click.echo(f"{outcome.where} {outcome.name} PASSED")
+        else:
+            click.echo(f"{outcome.where} {outcome.name} FAILED: {outcome.message}")
+    passed = sum(o.passed for o in outcomes)
+    click.echo(f"{passed} passed, {len(outcomes) - passed} failed")
+    if passed != len(outcomes):
+        sys.exit(1)
+
+
+@rules.command("simulate")
+@click.option("--now", "now_iso", required=True, help="ISO 8601 with offset, e.g. 2026-10-20T09:00:00+08:00")
+@click.option("--rules", "directory", type=click.Path(path_type=Path), help="Candidate rules (default: rules/).")
+@click.option("--json", "as_json", is_flag=True)
+def rules_simulate(now_iso, directory, as_json):
+    """Dry run of the supervision rules over live data: what would fire, and how that differs
+    from the running rules. Changes nothing."""
+    directory = Path(directory or settings.rules_dir())
+    files = {}
+    for sub in ("supervision", "calendar"):
+        for path in sorted((directory / sub).rglob("*.yaml")):
+            if not path.name.endswith(".test.yaml"):
+                files[str(path.relative_to(directory))] = path.read_text(encoding="utf-8")
+    if not any(name.startswith("supervision/") for name in files):
+        raise CliError(f"{directory / 'supervision'}: no rule files")
+    with rpc_proxy() as proxy:
+        result = proxy.supervision.simulate(files, now_iso)
+
+    def human(r):
+        click.echo(
+            f"{r['evaluated']} unresolved cases as of {r['now']}; candidate {r['ruleset_version']}, "
+            f"running {r['running_version']}"
+        )
+        for title, entries in (("would decide", r["decisions"]), ("added", r["added"]), ("removed", r["removed"])):
+            click.echo(f"{title}: {len(entries)}")
+            for d in entries:
+                click.echo(f"  {d['rule_id']} {d['action']} {', '.join(d['case_ids'])}")
+
+    emit(as_json, result, human)
+
+
+@rules.command("explain")
+@click.argument("case_id")
+@click.option("--now", "now_iso", help="ISO 8601 with offset (default: now).")
+@click.option("--json", "as_json", is_flag=True)
+def rules_explain(case_id, now_iso, as_json):
+    """Why each supervision rule did or did not fire for a case."""
+    with rpc_proxy() as proxy:
+        result = proxy.supervision.explain(case_id, now_iso)
+
+    def human(r):
+        click.echo(f"{r['case_id']} as of {r['now']} (rules {r['ruleset_version']})")
+        for rule in r["rules"]:
+            if rule["matched"]:
+                click.echo(f"  FIRES    {rule['rule_id']}")
+            else:
+                click.echo(f"  no       {rule['rule_id']}: {'; '.join(rule['failed_conditions'])}")
+
+    emit(as_json, result, human)
 
 
 @rules.command("reload")
@@ -435,19 +550,109 @@ def rules():
 def rules_reload(as_json):
     """Make the running services load the rule files now (a bad file is refused)."""
     with rpc_proxy() as proxy:
-        status = {"routing": proxy.routing.reload_rules()}
-    emit(
-        as_json,
-        status,
-        lambda s: [
-            click.echo(
-                f"{name}: version {v['version']}" + (f"; REFUSED: {'; '.join(v['problems'])}" if v["problems"] else "")
-            )
-            for name, v in s.items()
-        ],
-    )
+        status = {name: getattr(proxy, name).reload_rules() for name in RULESETS}
+
+    def human(s):
+        for name, v in s.items():
+            refused = f"; REFUSED: {'; '.join(v['problems'])}" if v["problems"] else ""
+            click.echo(f"{name}: version {v['version']}{refused}")
+
+    emit(as_json, status, human)
     if any(v["problems"] for v in status.values()):
         sys.exit(1)
+
+
+@rules.command("versions")
+@click.option("--json", "as_json", is_flag=True)
+def rules_versions(as_json):
+    """Each version of the supervision rules that decided, and what changed."""
+    with rpc_proxy() as proxy:
+        versions = proxy.supervision.rule_versions()
+    emit(
+        as_json,
+        versions,
+        lambda vs: [
+            click.echo(f"{v['loaded_at']}  {v['version']}  {json.dumps(v['changes'], ensure_ascii=False)}") for v in vs
+        ],
+    )
+
+
+# --- supervision: sweep and agenda ------------------------------------------------------------
+
+
+@main.command()
+@click.option("--now", "now_iso", required=True, help="ISO 8601 with offset, e.g. 2026-10-20T09:00:00+08:00")
+@click.option("--json", "as_json", is_flag=True)
+def sweep(now_iso, as_json):
+    """Evaluate every unresolved case as of NOW and carry out the decisions (each only once)."""
+    with rpc_proxy() as proxy:
+        result = proxy.supervision.sweep(now_iso)
+
+    def human(r):
+        click.echo(
+            f"{r['evaluated']} unresolved cases as of {r['now']}: {len(r['decisions'])} new decisions, "
+            f"{r['repeated']} already taken"
+        )
+        for d in r["decisions"]:
+            click.echo(f"  {d['rule_id']} → {d['action']}: {', '.join(d['case_ids'])}")
+
+    emit(as_json, result, human)
+
+
+@main.group()
+def agenda():
+    """The democratic-supervision agenda (民主监督议题库), joint supervision and special inspections."""
+
+
+@agenda.command("list")
+@click.option("--status", type=click.Choice(["proposed", "scheduled", "under_supervision", "concluded"]))
+@click.option("--kind", type=click.Choice(["agenda", "joint_supervision", "special_inspection"]))
+@click.option("--json", "as_json", is_flag=True)
+def agenda_list(status, kind, as_json):
+    with rpc_proxy() as proxy:
+        items = proxy.supervision.list_agenda(status, kind)
+
+    def human(found):
+        if not found:
+            click.echo("the agenda is empty")
+        for i in found:
+            click.echo(f"{i['id']}  {i['status']:17} {i['kind']:18} {len(i['case_ids'])} case(s)  {i['title']}")
+
+    emit(as_json, items, human)
+
+
+@agenda.command("show")
+@click.argument("agenda_id")
+@click.option("--json", "as_json", is_flag=True)
+def agenda_show(agenda_id, as_json):
+    with rpc_proxy() as proxy:
+        item = proxy.supervision.show_agenda(agenda_id)
+    emit(as_json, item, _print_agenda_item)
+
+
+def _print_agenda_item(i):
+    click.echo(f"{i['id']}  {i['title']}")
+    click.echo(f"  {i['kind']}, {i['status']}, by rule {i['rule_id']} ({i['scope']})")
+    for c in i.get("cases", []):
+        click.echo(f"  {c['id']}  {c['status']:10} {c['title']}")
+    for step in i["history"]:
+        click.echo(f"  {step['at']}  {step['status']}  by {step['by']}")
+    if i["findings"]:
+        click.echo(f"  findings: {i['findings']}")
+
+
+@agenda.command("advance")
+@click.argument("agenda_id")
+@click.option("--to", "to", required=True, type=click.Choice(["scheduled", "under_supervision", "concluded"]))
+@click.option("--findings", help="Required to conclude.")
+@click.option("--date", "scheduled_for", help="The scheduled date (YYYY-MM-DD).")
+@click.option("--note")
+@click.option("--json", "as_json", is_flag=True)
+def agenda_advance(agenda_id, to, findings, scheduled_for, note, as_json):
+    """Move an item on: proposed → scheduled → under_supervision → concluded (with findings)."""
+    with rpc_proxy() as proxy:
+        item = proxy.supervision.advance_agenda(agenda_id, to, findings, scheduled_for, note)
+    emit(as_json, item, _print_agenda_item)
 
 
 @main.group()
@@ -472,7 +677,11 @@ def case_show(case_id, as_json):
         for step in r["timeline"]:
             click.echo(f"  {step['at']}  {step['event']}")
         for escalation in r["escalations"]:
-            click.echo(f"  escalated: {escalation['action']} by rule {escalation['rule_id']} at {escalation['at']}")
+            agenda_item = f" ({escalation['agenda_id']})" if escalation.get("agenda_id") else ""
+            click.echo(
+                f"  escalated: {escalation['action']}{agenda_item} by rule {escalation['rule_id']} "
+                f"at {escalation['at']}"
+            )
 
     emit(as_json, record, human)
 

@@ -34,12 +34,20 @@ def downgrade_to_base(service: str, database_url: str | None = None) -> None:
 def run_migrations_online(target_metadata) -> None:
     cfg = context.config
     engine = create_db_engine(cfg.attributes["database_url"])
+    own_tables = set(target_metadata.tables)
+
+    def only_own_tables(name, type_, parent_names):
+        # Services share one database: each one's autogenerate must see only its own tables,
+        # or it would propose dropping the others'.
+        return type_ != "table" or name in own_tables
+
     with engine.connect() as connection:
         context.configure(
             connection=connection,
             target_metadata=target_metadata,
             version_table=cfg.get_main_option("version_table"),
             render_as_batch=connection.dialect.name == "sqlite",
+            include_name=only_own_tables,
         )
         with context.begin_transaction():
             context.run_migrations()

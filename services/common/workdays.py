@@ -36,6 +36,7 @@ class WorkingCalendar:
         self.workdays = set(workdays)
         self.fallback_years = set(fallback_years)
         self._warned: set[int] = set()
+        self._between: dict = {}  # sweeps ask the same (start, end) pairs for thousands of cases
 
     @classmethod
     def from_file(cls, path: Path) -> "WorkingCalendar":
@@ -103,7 +104,14 @@ class WorkingCalendar:
         """Working days after ``start`` up to and including ``end`` (negative when end < start)."""
         if end < start:
             return -self.working_days_between(end, start)
-        return sum(1 for n in range(1, (end - start).days + 1) if self.is_working_day(start + timedelta(days=n)))
+        key = (start, end)
+        if key not in self._between:
+            if len(self._between) > 100_000:
+                self._between.clear()
+            self._between[key] = sum(
+                1 for n in range(1, (end - start).days + 1) if self.is_working_day(start + timedelta(days=n))
+            )
+        return self._between[key]
 
 
 def add_months(day: date, months: int) -> date:

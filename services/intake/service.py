@@ -8,6 +8,7 @@ from nameko.events import event_handler
 from nameko.rpc import rpc
 from sqlalchemy import select
 
+from services.common.auth import request_key
 from services.common.base import ServiceBase
 from services.common.directory import DirectoryError, parse_directory
 from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_response
@@ -28,13 +29,6 @@ def open311_http(method, url):
     return http(method, OPEN311 + url, error_renderer=open311.render_error)
 
 
-def bearer_key(request) -> str | None:
-    auth = request.headers.get("Authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("X-Api-Key")
-
-
 class IntakeService(ServiceBase):
     name = "intake"
 
@@ -53,7 +47,7 @@ class IntakeService(ServiceBase):
         return result
 
     def _caller(self, request, roles=("source", "staff")) -> dict:
-        key = bearer_key(request)
+        key = request_key(request)
         if not key:
             raise Unauthorized("an API key is required: Authorization: Bearer KEY")
         with self.db() as session:

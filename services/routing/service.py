@@ -2,28 +2,25 @@
 decide) and referrals.py (the lifecycle); events leave through the outbox after each commit."""
 
 import logging
-import time
-from pathlib import Path
 
 from nameko.events import event_handler
 from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 
+from services.common.auth import KeyCache, actor_for
 from services.common.base import ServiceBase
 from services.common.http import (
     Conflict,
     Forbidden,
     NotFound,
-    Unauthorized,
     ValidationFailed,
     http,
     json_body,
     json_response,
 )
 from services.common.outbox import OutboxRelay
-from services.common.rules.provider import Rules
+from services.common.rules.provider import Rules, with_calendar
 from services.common.timeutil import now
-from services.common.workdays import WorkingCalendar
 from services.routing import referrals
 from services.routing import rules as routing_rules
 from services.routing.models import outbox
@@ -33,48 +30,11 @@ EXPECTED = (NotFound, Forbidden, Conflict, ValidationFailed)
 CLI_ACTOR = {"role": "staff", "subject": "cli"}
 
 
-class RoutingRules:
-    """Routing's rule files and the working-day calendar beside them, loaded together."""
-
-    def __init__(self, directory: Path):
-        self.rules = routing_rules.load(directory)
-        self.calendar = WorkingCalendar.from_file(Path(directory) / "calendar" / "holidays.yaml")
-
-    def close(self):
-        self.rules.close()
-
-
-def load_routing(directory: Path) -> RoutingRules:
-    from services.common.rules.ruleset import Problem, RulesetInvalid
-    from services.common.workdays import CalendarFileError
-
-    try:
-        return RoutingRules(directory)
-    except CalendarFileError as exc:
-        raise RulesetInvalid([Problem("rules/calendar/holidays.yaml", 1, str(exc))]) from None
-
-
-class KeyCache:
-    """API keys checked with intake (which owns credentials), remembered for a minute."""
-
-    def __init__(self, ttl: float = 60):
-        self.ttl, self.entries = ttl, {}
-
-    def get(self, key):
-        hit = self.entries.get(key)
-        return hit[1] if hit and hit[0] > time.monotonic() else None
-
-    def put(self, key, actor):
-        if len(self.entries) > 10_000:
-            self.entries.clear()
-        self.entries[key] = (time.monotonic() + self.ttl, actor)
-
-
 class RoutingService(ServiceBase):
     name = "routing"
 
     relay = OutboxRelay(outbox)
-    rules = Rules(load_routing)
+    rules = Rules(with_calendar(routing_rules.load))
     intake = RpcProxy("intake")
 
     keys = KeyCache()
@@ -101,17 +61,7 @@ class RoutingService(ServiceBase):
         return result
 
     def _actor(self, request) -> dict:
-        auth = request.headers.get("Authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("X-Api-Key")
-        if not key:
-            raise Unauthorized("an API key is required: Authorization: Bearer KEY")
-        actor = self.keys.get(key)
-        if actor is None:
-            actor = self.intake.authenticate(key)
-            if actor is None:
-                raise Unauthorized("unknown or revoked API key")
-            self.keys.put(key, actor)
-        return actor
+        return actor_for(request, self.keys, self.intake.authenticate)
 
     # --- events -------------------------------------------------------------------------------
 

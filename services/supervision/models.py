@@ -1,6 +1,6 @@
 """Supervision's own tables: its projection of cases, built only from bus events."""
 
-from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import JSON, Column, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
 
 from services.common.db import UTCDateTime
 from services.common.outbox import outbox_table
@@ -13,6 +13,7 @@ case_projection = Table(
     Column("case_id", String(32), primary_key=True),
     Column("source", String(64), nullable=False),
     Column("title", String(200), nullable=False),
+    Column("description", Text),  # for finding similar cases
     Column("status", String(32), nullable=False),
     Column("kind", String(32)),
     Column("category", String(64)),
@@ -59,6 +60,73 @@ timeline = Table(
     Column("details", JSON),
     Column("summary", Text),
     Index("ix_supervision_timeline_case", "case_id", "at"),
+)
+
+# Every escalation decision, once: the rule, the ruleset version, the facts it saw, the time.
+# The unique key is what makes each action happen once however often (and on however many
+# replicas) evaluation runs; dedupe_key distinguishes e.g. reminders for different deadlines.
+decisions = Table(
+    "supervision_decisions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("rule_id", String(100), nullable=False),
+    Column("action", String(40), nullable=False),
+    Column("scope", String(10), nullable=False),  # case or cluster
+    Column("subject_id", String(120), nullable=False),  # the case id, or the cluster's key
+    Column("dedupe_key", String(64), nullable=False),
+    Column("case_ids", JSON, nullable=False),
+    Column("agenda_id", String(20)),
+    Column("ruleset_version", String(12), nullable=False),
+    Column("facts", JSON, nullable=False),
+    Column("evaluated_at", UTCDateTime, nullable=False),  # the "now" of the evaluation
+    Column("recorded_at", UTCDateTime, nullable=False),
+    UniqueConstraint("rule_id", "action", "subject_id", "dedupe_key", name="uq_supervision_decisions_once"),
+)
+
+# The democratic-supervision agenda (民主监督议题库), joint supervision (联合督查督办) and special
+# inspections (专项视察监督): proposed → scheduled → under_supervision → concluded (with findings).
+agenda = Table(
+    "supervision_agenda",
+    metadata,
+    Column("id", String(20), primary_key=True),  # AG-2026-0001
+    Column("kind", String(24), nullable=False),  # agenda, joint_supervision, special_inspection
+    Column("status", String(20), nullable=False),
+    Column("rule_id", String(100), nullable=False),
+    Column("scope", String(10), nullable=False),
+    Column("subject_id", String(120), nullable=False),
+    Column("title", String(300), nullable=False),
+    Column("scheduled_for", String(10)),
+    Column("findings", Text),
+    Column("history", JSON, nullable=False),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    UniqueConstraint("kind", "rule_id", "subject_id", name="uq_supervision_agenda_subject"),
+)
+
+agenda_cases = Table(
+    "supervision_agenda_cases",
+    metadata,
+    Column("agenda_id", String(20), ForeignKey("supervision_agenda.id"), primary_key=True),
+    Column("case_id", String(32), primary_key=True),
+    Column("added_at", UTCDateTime, nullable=False),
+    Index("ix_supervision_agenda_cases_case", "case_id"),
+)
+
+counters = Table(
+    "supervision_counters",
+    metadata,
+    Column("name", String(20), primary_key=True),
+    Column("last_number", Integer, nullable=False),
+)
+
+# Each version of the rule files that decided, and what changed from the one before.
+rule_versions = Table(
+    "supervision_rule_versions",
+    metadata,
+    Column("version", String(12), primary_key=True),
+    Column("loaded_at", UTCDateTime, nullable=False),
+    Column("files", JSON, nullable=False),
+    Column("changes", JSON, nullable=False),
 )
 
 outbox = outbox_table(metadata, "supervision")

@@ -1,29 +1,119 @@
 """The supervision nameko service: entrypoints only.
 
-Today it keeps the case projection and answers ``case show``; rules, sweeps and the agenda are
-the supervision issue's work (see README, "Status of the services").
+It keeps its own projection of every case from the bus (projection.py), evaluates unresolved
+cases against the rule files on each relevant event and in a periodic sweep (evaluation.py), and
+carries out escalations exactly once (escalation.py). Operators check, test, simulate and explain
+the rules through the CLI.
 """
 
-from nameko.events import event_handler
-from nameko.rpc import rpc
+import logging
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
 
+from nameko.events import event_handler
+from nameko.rpc import RpcProxy, rpc
+from nameko.timer import timer
+from sqlalchemy import select
+
+from services.common.auth import KeyCache, actor_for, require_staff
 from services.common.base import ServiceBase
-from services.common.http import NotFound
+from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed, http, json_body, json_response
 from services.common.outbox import OutboxRelay
-from services.supervision import projection
-from services.supervision.models import outbox
+from services.common.rules.provider import Rules, with_calendar
+from services.common.rules.ruleset import RulesetInvalid
+from services.common.timeutil import iso, now
+from services.common.upsert import insert_ignoring_duplicates
+from services.supervision import escalation, evaluation, projection
+from services.supervision import rules as supervision_rules
+from services.supervision.models import outbox, rule_versions
+
+log = logging.getLogger(__name__)
+EXPECTED = (NotFound, Forbidden, Conflict, ValidationFailed)
+APPLY_BATCH = 500
+load_supervision = with_calendar(supervision_rules.load)
+
+
+def parse_now(value) -> datetime:
+    if value is None:
+        return now()
+    try:
+        moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        raise ValidationFailed(
+            f"now must be ISO 8601 with a time zone, e.g. 2026-10-20T09:00:00+08:00; got {value!r}",
+            [{"field": "now", "problem": "not ISO 8601"}],
+        ) from None
+    if moment.tzinfo is None:
+        raise ValidationFailed("now must carry a time zone offset, e.g. +08:00", [{"field": "now", "problem": "naive"}])
+    return moment
+
+
+def decision_summary(decisions) -> list[dict]:
+    return [
+        {"rule_id": d.rule_id, "action": d.action, "scope": d.scope, "case_ids": d.case_ids}
+        for d in sorted(decisions, key=lambda d: d.key)
+    ]
 
 
 class SupervisionService(ServiceBase):
     name = "supervision"
 
     relay = OutboxRelay(outbox)
+    rules = Rules(load_supervision)
+    intake = RpcProxy("intake")
+
+    keys = KeyCache()
+    last_sweep = 0.0
+
+    # --- evaluation ---------------------------------------------------------------------------
+
+    def _evaluate_and_apply(self, moment: datetime, case_ids=None) -> dict:
+        loaded = self.rules.get()
+        self._record_rule_version()
+        with self.db() as session:
+            evaluated, decided = evaluation.evaluate(session, loaded.rules, loaded.calendar, moment, case_ids)
+        decided.sort(key=lambda d: d.key)  # one order everywhere: concurrent sweeps never deadlock
+        taken = []
+        for start in range(0, len(decided), APPLY_BATCH):
+            with self.db.begin() as session:
+                taken += escalation.apply(session, decided[start : start + APPLY_BATCH], now())
+        if taken:
+            self.publish_events()
+        return {
+            "now": iso(moment),
+            "evaluated": evaluated,
+            "ruleset_version": loaded.rules.version,
+            "decisions": decision_summary(taken),
+            "repeated": len(decided) - len(taken),
+        }
+
+    def _record_rule_version(self):
+        holder = self.rules
+        if holder.version is None or holder.version == getattr(self, "_recorded_version", None):
+            return
+        loaded = holder.get()
+        files = {"files": loaded.rules.files, "rule_ids": [r.id for r in loaded.rules.rules]}
+        with self.db.begin() as session:
+            previous = session.execute(
+                select(rule_versions.c.files).order_by(rule_versions.c.loaded_at.desc()).limit(1)
+            ).scalar()
+            changes = _changes(previous, files)
+            insert_ignoring_duplicates(
+                session, rule_versions, dict(version=holder.version, loaded_at=now(), files=files, changes=changes)
+            )
+        type(self)._recorded_version = holder.version
+
+    # --- events: keep the projection, evaluate the case -------------------------------------
 
     # requeue_on_error: a failure here (database down) must not ack the event away.
     @event_handler("intake", "case_received", requeue_on_error=True)
     def on_case_received(self, event):
         with self.db.begin() as session:
-            projection.record_case_received(session, event)
+            fresh = projection.record_case_received(session, event)
+        if fresh:
+            self._evaluate_and_apply(now(), [event["case_id"]])
 
     # One handler, one queue per routing event type (nameko names each queue after the type).
     @event_handler("routing", "case_referred", requeue_on_error=True)
@@ -39,9 +129,177 @@ class SupervisionService(ServiceBase):
     @event_handler("routing", "case_closed", requeue_on_error=True)
     def on_routing_event(self, event):
         with self.db.begin() as session:
-            projection.record_routing_event(session, event)
+            fresh = projection.record_routing_event(session, event)
+        if fresh:
+            self._evaluate_and_apply(now(), [event["case_id"]])
+
+    @timer(interval=5)
+    def periodic_sweep(self):
+        """The time-based rules (催办, 逾期) need a sweep; how often is a setting in the rules."""
+        self.rules.refresh()
+        interval = self.rules.get().rules.settings["sweep_interval_seconds"]
+        if time.monotonic() - type(self).last_sweep >= interval:
+            type(self).last_sweep = time.monotonic()
+            result = self._evaluate_and_apply(now())
+            if result["decisions"]:
+                log.info("sweep: %s cases, %s new decisions", result["evaluated"], len(result["decisions"]))
+
+    # --- RPC: the operator CLI --------------------------------------------------------------
+
+    @rpc(expected_exceptions=EXPECTED)
+    def sweep(self, now_iso=None) -> dict:
+        return self._evaluate_and_apply(parse_now(now_iso))
+
+    @rpc(expected_exceptions=EXPECTED)
+    def explain(self, case_id, now_iso=None) -> dict:
+        loaded = self.rules.get()
+        moment = parse_now(now_iso)
+        with self.db() as session:
+            projection.case_record(session, case_id)  # NotFound for an unknown case
+            facts = evaluation.facts_of(session, loaded.rules, loaded.calendar, moment, case_id)
+        return {
+            "case_id": case_id,
+            "now": iso(moment),
+            "ruleset_version": loaded.rules.version,
+            "facts": facts,
+            "rules": loaded.rules.explain("escalate", facts),
+        }
+
+    @rpc(expected_exceptions=EXPECTED)
+    def simulate(self, files: dict, now_iso=None) -> dict:
+        """A dry run of candidate rule files over live data; changes nothing."""
+        moment = parse_now(now_iso)
+        running = self.rules.get()
+        with tempfile.TemporaryDirectory() as folder:
+            for relative, content in files.items():
+                path = Path(folder) / relative
+                if ".." in Path(relative).parts or path.suffix != ".yaml":
+                    raise ValidationFailed(f"unexpected file {relative!r}", [{"field": "files", "problem": relative}])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content, encoding="utf-8")
+            try:
+                candidate = load_supervision(Path(folder))
+            except RulesetInvalid as exc:
+                raise ValidationFailed(
+                    "the candidate rules are invalid",
+                    [
+                        {"field": p.file.replace(folder + "/", ""), "problem": f"line {p.line}: {p.message}"}
+                        for p in exc.problems
+                    ],
+                ) from None
+        try:
+            with self.db() as session:
+                count, proposed = evaluation.evaluate(session, candidate.rules, candidate.calendar, moment)
+                _, current = evaluation.evaluate(session, running.rules, running.calendar, moment)
+        finally:
+            candidate.close()
+        proposed_keys = {(d.rule_id, d.action, d.subject_id) for d in proposed}
+        current_keys = {(d.rule_id, d.action, d.subject_id) for d in current}
+        return {
+            "now": iso(moment),
+            "evaluated": count,
+            "ruleset_version": candidate.rules.version,
+            "running_version": running.rules.version,
+            "decisions": decision_summary(proposed),
+            "added": decision_summary([d for d in proposed if (d.rule_id, d.action, d.subject_id) not in current_keys]),
+            "removed": decision_summary(
+                [d for d in current if (d.rule_id, d.action, d.subject_id) not in proposed_keys]
+            ),
+        }
+
+    @rpc
+    def reload_rules(self) -> dict:
+        self.rules.refresh(force=True)
+        self._record_rule_version()
+        return self.rules.status()
+
+    @rpc
+    def rules_status(self) -> dict:
+        return self.rules.status()
+
+    @rpc
+    def rule_versions(self) -> list:
+        with self.db() as session:
+            rows = session.execute(select(rule_versions).order_by(rule_versions.c.loaded_at)).all()
+        return [{"version": r.version, "loaded_at": iso(r.loaded_at), "changes": r.changes} for r in rows]
 
     @rpc(expected_exceptions=(NotFound,))
     def get_case_record(self, case_id: str) -> dict:
         with self.db() as session:
-            return projection.case_record(session, case_id)
+            record = projection.case_record(session, case_id)
+            record["escalations"] = escalation.escalations_for(session, case_id)
+            return record
+
+    @rpc(expected_exceptions=EXPECTED)
+    def list_agenda(self, status=None, kind=None) -> list:
+        with self.db() as session:
+            return escalation.list_items(session, status, kind)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def show_agenda(self, agenda_id) -> dict:
+        with self.db() as session:
+            return escalation.show_item(session, agenda_id)
+
+    @rpc(expected_exceptions=EXPECTED)
+    def advance_agenda(self, agenda_id, to, findings=None, scheduled_for=None, note=None) -> dict:
+        with self.db.begin() as session:
+            result = escalation.advance(session, agenda_id, to, now(), "cli", findings, scheduled_for, note)
+        self.publish_events()
+        return result
+
+    # --- HTTP (staff) -------------------------------------------------------------------------
+
+    def _staff(self, request, what):
+        actor = actor_for(request, self.keys, self.intake.authenticate)
+        require_staff(actor, what)
+        return actor
+
+    @http("GET", "/api/v1/agenda")
+    def http_agenda(self, request):
+        self._staff(request, "the agenda")
+        with self.db() as session:
+            return json_response(
+                200, {"items": escalation.list_items(session, request.args.get("status"), request.args.get("kind"))}
+            )
+
+    @http("GET", "/api/v1/agenda/<agenda_id>")
+    def http_agenda_item(self, request, agenda_id):
+        self._staff(request, "the agenda")
+        with self.db() as session:
+            return json_response(200, escalation.show_item(session, agenda_id))
+
+    @http("POST", "/api/v1/agenda/<agenda_id>/advance")
+    def http_advance(self, request, agenda_id):
+        actor = self._staff(request, "changing the agenda")
+        body = json_body(request)
+        with self.db.begin() as session:
+            result = escalation.advance(
+                session,
+                agenda_id,
+                body.get("status"),
+                now(),
+                actor["subject"],
+                body.get("findings"),
+                body.get("scheduled_for"),
+                body.get("note"),
+            )
+        self.publish_events()
+        return json_response(200, result)
+
+    @http("GET", "/api/v1/cases/<case_id>")
+    def http_case(self, request, case_id):
+        self._staff(request, "the whole-process record")
+        return json_response(200, self.get_case_record(case_id))
+
+
+def _changes(previous: dict | None, current: dict) -> dict:
+    if not previous:
+        return {"first": True, "rules": current["rule_ids"]}
+    old_files, new_files = previous["files"], current["files"]
+    return {
+        "files_added": sorted(set(new_files) - set(old_files)),
+        "files_removed": sorted(set(old_files) - set(new_files)),
+        "files_changed": sorted(f for f in set(old_files) & set(new_files) if old_files[f] != new_files[f]),
+        "rules_added": sorted(set(current["rule_ids"]) - set(previous["rule_ids"])),
+        "rules_removed": sorted(set(previous["rule_ids"]) - set(current["rule_ids"])),
+    }

@@ -20,6 +20,35 @@ class RulesUnavailable(RuntimeError):
     pass
 
 
+class RulesWithCalendar:
+    """A service's ruleset and the working-day calendar beside it (``rules/calendar/``), loaded
+    and replaced together."""
+
+    def __init__(self, rules, calendar):
+        self.rules, self.calendar = rules, calendar
+
+    def close(self):
+        self.rules.close()
+
+
+def with_calendar(load_rules):
+    """A loader for ``RulesHolder``: the service's rules plus the calendar file."""
+
+    def load(directory: Path) -> RulesWithCalendar:
+        from services.common.rules.ruleset import Problem
+        from services.common.workdays import CalendarFileError, WorkingCalendar
+
+        rules = load_rules(directory)
+        try:
+            calendar = WorkingCalendar.from_file(Path(directory) / "calendar" / "holidays.yaml")
+        except CalendarFileError as exc:
+            rules.close()
+            raise RulesetInvalid([Problem(str(Path(directory) / "calendar" / "holidays.yaml"), 1, str(exc))]) from None
+        return RulesWithCalendar(rules, calendar)
+
+    return load
+
+
 class RulesHolder:
     def __init__(self, directory: Path, loader):
         self.directory = Path(directory)

@@ -116,6 +116,11 @@ class Ruleset:
         self._compiled.clear()
 
 
+def is_test_file(path: Path) -> bool:
+    """``*.test.yaml`` files hold rule tests (``huiying rules test``), not rules."""
+    return path.name.endswith(".test.yaml")
+
+
 def content_version(directory: Path) -> tuple[str, dict]:
     files = sorted(p for p in Path(directory).rglob("*.yaml") if p.is_file())[: MAX_FILES + 1]
     digest = hashlib.sha256()
@@ -141,7 +146,7 @@ def load(
     problems: list[Problem] = []
     if not directory.is_dir():
         raise RulesetInvalid([Problem(str(directory), 1, "rules folder not found")])
-    paths = sorted(p for p in directory.rglob("*.yaml") if p.is_file() and not p.name.endswith(".test.yaml"))
+    paths = sorted(p for p in directory.rglob("*.yaml") if p.is_file() and not is_test_file(p))
     if len(paths) > MAX_FILES:
         raise RulesetInvalid([Problem(str(directory), 1, f"more than {MAX_FILES} rule files")])
     rules: list[Rule] = []

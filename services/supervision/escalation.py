@@ -1,0 +1,300 @@
+"""Carrying out escalation decisions, each exactly once, and the agenda's own lifecycle.
+
+A decision is recorded under a unique key (rule, action, case or cluster, and for reminders the
+deadline), inside the same transaction as what it causes; a second evaluation — later, or on
+another replica at the same moment — finds the key taken and does nothing. An agenda item is
+likewise unique per kind, rule and subject; a growing cluster adds its new cases to its item.
+"""
+
+from sqlalchemy import func, select, update
+
+from services.common.http import Conflict, NotFound, ValidationFailed
+from services.common.outbox import add_event
+from services.common.timeutil import CST, iso
+from services.common.upsert import insert_ignoring_duplicates
+from services.supervision.evaluation import Decision
+from services.supervision.models import agenda, agenda_cases, case_projection, counters, decisions, outbox
+
+AGENDA_KIND = {
+    "add_to_agenda": "agenda",
+    "open_joint_supervision": "joint_supervision",
+    "trigger_special_inspection": "special_inspection",
+}
+KIND_NAMES = {"agenda": "民主监督议题", "joint_supervision": "联合督查督办", "special_inspection": "专项视察监督"}
+LIFECYCLE = ("proposed", "scheduled", "under_supervision", "concluded")
+
+
+def apply(session, to_apply: list[Decision], now) -> list[Decision]:
+    """Carry out the decisions not taken before; returns those newly taken."""
+    taken = []
+    for decision in to_apply:
+        first_time = insert_ignoring_duplicates(
+            session,
+            decisions,
+            dict(
+                rule_id=decision.rule_id,
+                action=decision.action,
+                scope=decision.scope,
+                subject_id=decision.subject_id,
+                dedupe_key=decision.dedupe_key,
+                case_ids=decision.case_ids,
+                ruleset_version=decision.ruleset_version,
+                facts=decision.facts,
+                evaluated_at=decision.evaluated_at,
+                recorded_at=now,
+            ),
+        )
+        agenda_id = None
+        if decision.action in AGENDA_KIND and (first_time or decision.scope == "cluster"):
+            agenda_id, new_cases = _ensure_item(session, decision, now)
+            if not first_time and new_cases:
+                add_event(session, outbox, "agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases})
+        if not first_time:
+            continue
+        if agenda_id:
+            session.execute(
+                update(decisions)
+                .where(
+                    decisions.c.rule_id == decision.rule_id,
+                    decisions.c.action == decision.action,
+                    decisions.c.subject_id == decision.subject_id,
+                    decisions.c.dedupe_key == decision.dedupe_key,
+                )
+                .values(agenda_id=agenda_id)
+            )
+        _announce(session, decision, agenda_id)
+        taken.append(decision)
+    return taken
+
+
+def _departments(session, case_ids) -> list[str]:
+    rows = session.scalars(select(case_projection.c.departments).where(case_projection.c.case_id.in_(case_ids)))
+    return sorted({d for departments in rows for d in (departments or [])})
+
+
+def _announce(session, decision: Decision, agenda_id):
+    base = {
+        "rule_id": decision.rule_id,
+        "ruleset_version": decision.ruleset_version,
+        "scope": decision.scope,
+        "case_ids": decision.case_ids,
+        "case_id": decision.case_ids[0],
+        "evaluated_at": iso(decision.evaluated_at),
+    }
+    if decision.action in AGENDA_KIND:
+        add_event(
+            session,
+            outbox,
+            "case_escalated",
+            base
+            | {
+                "action": decision.action,
+                "kind": AGENDA_KIND[decision.action],
+                "agenda_id": agenda_id,
+                "departments": _departments(session, decision.case_ids),
+            },
+        )
+    elif decision.action == "remind_department":
+        add_event(session, outbox, "department_reminded", base | {"referrals": decision.details.get("referrals", [])})
+    elif decision.action == "alert_supervisors":
+        add_event(
+            session, outbox, "supervisors_alerted", base | {"departments": _departments(session, decision.case_ids)}
+        )
+
+
+def _next_agenda_id(session, now) -> str:
+    year = now.astimezone(CST).year
+    name = f"agenda-{year}"
+    insert_ignoring_duplicates(session, counters, {"name": name, "last_number": 0})
+    number = session.execute(
+        update(counters)
+        .where(counters.c.name == name)
+        .values(last_number=counters.c.last_number + 1)
+        .returning(counters.c.last_number)
+    ).scalar_one()
+    return f"AG-{year}-{number:04d}"
+
+
+def _ensure_item(session, decision: Decision, now) -> tuple[str, list]:
+    kind = AGENDA_KIND[decision.action]
+    existing = None
+    if decision.scope == "cluster":
+        # The cluster's key follows its earliest open case; its item follows its cases.
+        existing = session.scalar(
+            select(agenda.c.id)
+            .join(agenda_cases, agenda_cases.c.agenda_id == agenda.c.id)
+            .where(
+                agenda.c.kind == kind,
+                agenda.c.rule_id == decision.rule_id,
+                agenda.c.scope == "cluster",
+                agenda_cases.c.case_id.in_(decision.case_ids),
+            )
+            .limit(1)
+        )
+    if existing is None:
+        existing = session.scalar(
+            select(agenda.c.id).where(
+                agenda.c.kind == kind, agenda.c.rule_id == decision.rule_id, agenda.c.subject_id == decision.subject_id
+            )
+        )
+    if existing is None:
+        title = _title(session, decision, kind)
+        insert_ignoring_duplicates(
+            session,
+            agenda,
+            dict(
+                id=_next_agenda_id(session, now),
+                kind=kind,
+                status="proposed",
+                rule_id=decision.rule_id,
+                scope=decision.scope,
+                subject_id=decision.subject_id,
+                title=title,
+                history=[{"status": "proposed", "at": iso(now), "by": f"rule {decision.rule_id}"}],
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+        existing = session.scalar(
+            select(agenda.c.id).where(
+                agenda.c.kind == kind, agenda.c.rule_id == decision.rule_id, agenda.c.subject_id == decision.subject_id
+            )
+        )
+    new_cases = [
+        case_id
+        for case_id in decision.case_ids
+        if insert_ignoring_duplicates(
+            session, agenda_cases, {"agenda_id": existing, "case_id": case_id, "added_at": now}
+        )
+    ]
+    return existing, new_cases
+
+
+def _title(session, decision: Decision, kind: str) -> str:
+    first = session.execute(
+        select(case_projection.c.title, case_projection.c.category, case_projection.c.street).where(
+            case_projection.c.case_id == decision.case_ids[0]
+        )
+    ).first()
+    title = first.title if first else decision.subject_id
+    if decision.scope == "cluster":
+        return f"{KIND_NAMES[kind]}：{first.street if first else ''} {len(decision.case_ids)}件类似问题（{title}）"[
+            :300
+        ]
+    return f"{KIND_NAMES[kind]}：{title}"[:300]
+
+
+# --- reading and the agenda lifecycle --------------------------------------------------------
+
+
+def item_view(session, row, with_cases: bool = True) -> dict:
+    view = {
+        "id": row.id,
+        "kind": row.kind,
+        "status": row.status,
+        "rule_id": row.rule_id,
+        "scope": row.scope,
+        "title": row.title,
+        "scheduled_for": row.scheduled_for,
+        "findings": row.findings,
+        "created_at": iso(row.created_at),
+        "updated_at": iso(row.updated_at),
+        "history": row.history,
+    }
+    view["case_ids"] = list(
+        session.scalars(
+            select(agenda_cases.c.case_id).where(agenda_cases.c.agenda_id == row.id).order_by(agenda_cases.c.case_id)
+        )
+    )
+    if with_cases:
+        rows = session.execute(
+            select(
+                case_projection.c.case_id,
+                case_projection.c.title,
+                case_projection.c.status,
+                case_projection.c.street,
+                case_projection.c.departments,
+            ).where(case_projection.c.case_id.in_(view["case_ids"]))
+        ).all()
+        view["cases"] = [
+            {
+                "id": r.case_id,
+                "title": r.title,
+                "status": r.status,
+                "street": r.street,
+                "departments": r.departments or [],
+            }
+            for r in rows
+        ]
+    return view
+
+
+def list_items(session, status=None, kind=None) -> list[dict]:
+    query = select(agenda).order_by(agenda.c.id)
+    if status:
+        query = query.where(agenda.c.status == status)
+    if kind:
+        query = query.where(agenda.c.kind == kind)
+    return [item_view(session, row, with_cases=False) for row in session.execute(query).all()]
+
+
+def show_item(session, agenda_id: str) -> dict:
+    row = session.execute(select(agenda).where(agenda.c.id == agenda_id)).first()
+    if row is None:
+        raise NotFound(f"no agenda item {agenda_id!r}")
+    return item_view(session, row)
+
+
+def advance(session, agenda_id: str, to: str, now, by: str, findings=None, scheduled_for=None, note=None) -> dict:
+    row = session.execute(select(agenda).where(agenda.c.id == agenda_id).with_for_update()).first()
+    if row is None:
+        raise NotFound(f"no agenda item {agenda_id!r}")
+    if to not in LIFECYCLE:
+        raise ValidationFailed(
+            f"status must be one of {', '.join(LIFECYCLE)}", [{"field": "status", "problem": "unknown"}]
+        )
+    if LIFECYCLE.index(to) != LIFECYCLE.index(row.status) + 1:
+        raise Conflict(
+            f"{agenda_id} is {row.status}; the next step is "
+            f"{LIFECYCLE[LIFECYCLE.index(row.status) + 1] if row.status != 'concluded' else 'none (concluded)'}"
+        )
+    if to == "concluded" and not (findings and str(findings).strip()):
+        raise ValidationFailed("concluding needs the findings", [{"field": "findings", "problem": "missing"}])
+    values = {
+        "status": to,
+        "updated_at": now,
+        "history": [*row.history, {"status": to, "at": iso(now), "by": by, **({"note": note} if note else {})}],
+    }
+    if findings:
+        values["findings"] = str(findings).strip()
+    if scheduled_for:
+        values["scheduled_for"] = str(scheduled_for)[:10]
+    session.execute(update(agenda).where(agenda.c.id == agenda_id).values(**values))
+    add_event(
+        session, outbox, "agenda_item_changed", {"agenda_id": agenda_id, "kind": row.kind, "status": to, "by": by}
+    )
+    return show_item(session, agenda_id)
+
+
+def escalations_for(session, case_id: str) -> list[dict]:
+    linked = select(agenda_cases.c.agenda_id).where(agenda_cases.c.case_id == case_id)
+    rows = session.execute(
+        select(decisions)
+        .where((decisions.c.subject_id == case_id) | decisions.c.agenda_id.in_(linked))
+        .order_by(decisions.c.id)
+    ).all()
+    return [
+        {
+            "action": r.action,
+            "rule_id": r.rule_id,
+            "ruleset_version": r.ruleset_version,
+            "at": iso(r.evaluated_at),
+            "agenda_id": r.agenda_id,
+            "scope": r.scope,
+        }
+        for r in rows
+    ]
+
+
+def decision_count(session) -> int:
+    return session.scalar(select(func.count()).select_from(decisions))
