@@ -7,12 +7,24 @@ nameko finds inherited dependencies and entrypoints like its own.
 
 from nameko.dependency_providers import Config
 from nameko.events import EventDispatcher
+from nameko.extensions import DependencyProvider
 from nameko.timer import timer
 
 from services.common import health
 from services.common.db import Database
 from services.common.http import http
 from services.common.outbox import OutboxRelay
+
+
+class ContainerState(DependencyProvider):
+    """A dict that lives as long as the service container (workers come and go per call):
+    caches and timestamps that must not leak between containers, as class attributes would."""
+
+    def setup(self):
+        self.state = {}
+
+    def get_dependency(self, worker_ctx):
+        return self.state
 
 
 class ServiceBase:
@@ -22,6 +34,7 @@ class ServiceBase:
     config = Config()
     db = Database()
     dispatch = EventDispatcher()
+    state = ContainerState()
 
     def publish_events(self):
         """Publish this service's pending outbox events now (called after each commit)."""

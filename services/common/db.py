@@ -5,6 +5,7 @@ Workers write ``with self.db.begin() as session: ...``: one transaction, committ
 rolled back on any exception, so nothing is ever half-written.
 """
 
+from contextlib import contextmanager
 from datetime import timezone
 from pathlib import Path
 
@@ -61,6 +62,16 @@ class Database(DependencyProvider):
 
     def get_dependency(self, worker_ctx):
         return self.sessions
+
+
+@contextmanager
+def snapshot(sessions):
+    """A read-only session that sees one consistent snapshot across several SELECTs (PostgreSQL's
+    READ COMMITTED would let a record and its parts be read from before and after a commit)."""
+    with sessions() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        yield session
 
 
 class UTCDateTime(TypeDecorator):

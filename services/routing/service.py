@@ -9,6 +9,7 @@ from nameko.timer import timer
 
 from services.common.auth import KeyCache, actor_for
 from services.common.base import ServiceBase
+from services.common.db import snapshot
 from services.common.http import (
     Conflict,
     Forbidden,
@@ -37,21 +38,17 @@ class RoutingService(ServiceBase):
     rules = Rules(with_calendar(routing_rules.load))
     intake = RpcProxy("intake")
 
-    keys = KeyCache()
-    department_names: dict = {}
-
     # --- shared steps ---------------------------------------------------------------------
 
     def _context(self) -> referrals.Context:
         loaded = self.rules.get()
-        if not self.department_names:
+        if "department_names" not in self.state:
             self._refresh_directory()
-        return referrals.Context(loaded.rules, loaded.calendar, dict(self.department_names), now())
+        return referrals.Context(loaded.rules, loaded.calendar, dict(self.state.get("department_names", {})), now())
 
     def _refresh_directory(self):
         directory = self.intake.get_directory()
-        if directory:
-            type(self).department_names = {d["code"]: d["name"] for d in directory["departments"]}
+        self.state["department_names"] = {d["code"]: d["name"] for d in (directory or {}).get("departments", [])}
 
     def _step(self, function, *args):
         """Run one lifecycle step in a transaction, then publish its events."""
@@ -61,7 +58,7 @@ class RoutingService(ServiceBase):
         return result
 
     def _actor(self, request) -> dict:
-        return actor_for(request, self.keys, self.intake.authenticate)
+        return actor_for(request, self.state.setdefault("keys", KeyCache()), self.intake.authenticate)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -101,7 +98,7 @@ class RoutingService(ServiceBase):
 
     @rpc(expected_exceptions=EXPECTED)
     def get_case_routing(self, case_id) -> dict:
-        with self.db() as session:
+        with snapshot(self.db) as session:
             return referrals.case_view(session, case_id, CLI_ACTOR, self._context().department_names)
 
     @rpc
@@ -189,7 +186,7 @@ class RoutingService(ServiceBase):
     @http("GET", "/api/v1/cases/<case_id>")
     def http_case(self, request, case_id):
         actor = self._actor(request)
-        with self.db() as session:
+        with snapshot(self.db) as session:
             return json_response(200, referrals.case_view(session, case_id, actor, self._context().department_names))
 
     @http("GET", "/api/v1/triage")

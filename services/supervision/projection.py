@@ -105,6 +105,7 @@ def record_case_received(session, event: dict) -> bool:
         .values(
             source=event["source"],
             title=event["title"],
+            description=event.get("description"),
             received_at=received_at,
             residents_affected=event.get("residents_affected"),
             kind=case_projection.c.kind if event.get("kind") is None else event["kind"],
@@ -123,7 +124,10 @@ def record_routing_event(session, event: dict) -> bool:
         return False
     _ensure_case(session, event, at)
     case_id = event["case_id"]
-    case = session.execute(select(case_projection).where(case_projection.c.case_id == case_id)).first()
+    # Locked: two events about one case (two returns, say) must not both count from the same value.
+    case = session.execute(
+        select(case_projection).where(case_projection.c.case_id == case_id).with_for_update()
+    ).first()
     values = {"updated_at": at}
     if event_type in CASE_STATUS:
         values["status"] = CASE_STATUS[event_type]

@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from services.common.auth import KeyCache, actor_for, require_staff
 from services.common.base import ServiceBase
+from services.common.db import snapshot
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed, http, json_body, json_response
 from services.common.outbox import OutboxRelay
 from services.common.rules.provider import Rules, with_calendar
@@ -64,15 +65,12 @@ class SupervisionService(ServiceBase):
     rules = Rules(load_supervision)
     intake = RpcProxy("intake")
 
-    keys = KeyCache()
-    last_sweep = 0.0
-
     # --- evaluation ---------------------------------------------------------------------------
 
     def _evaluate_and_apply(self, moment: datetime, case_ids=None) -> dict:
         loaded = self.rules.get()
         self._record_rule_version()
-        with self.db() as session:
+        with snapshot(self.db) as session:
             evaluated, decided = evaluation.evaluate(session, loaded.rules, loaded.calendar, moment, case_ids)
         decided.sort(key=lambda d: d.key)  # one order everywhere: concurrent sweeps never deadlock
         taken = []
@@ -91,7 +89,7 @@ class SupervisionService(ServiceBase):
 
     def _record_rule_version(self):
         holder = self.rules
-        if holder.version is None or holder.version == getattr(self, "_recorded_version", None):
+        if holder.version is None or holder.version == self.state.get("recorded_version"):
             return
         loaded = holder.get()
         files = {"files": loaded.rules.files, "rule_ids": [r.id for r in loaded.rules.rules]}
@@ -103,7 +101,7 @@ class SupervisionService(ServiceBase):
             insert_ignoring_duplicates(
                 session, rule_versions, dict(version=holder.version, loaded_at=now(), files=files, changes=changes)
             )
-        type(self)._recorded_version = holder.version
+        self.state["recorded_version"] = holder.version
 
     # --- events: keep the projection, evaluate the case -------------------------------------
 
@@ -138,8 +136,8 @@ class SupervisionService(ServiceBase):
         """The time-based rules (催办, 逾期) need a sweep; how often is a setting in the rules."""
         self.rules.refresh()
         interval = self.rules.get().rules.settings["sweep_interval_seconds"]
-        if time.monotonic() - type(self).last_sweep >= interval:
-            type(self).last_sweep = time.monotonic()
+        if time.monotonic() - self.state.get("last_sweep", 0.0) >= interval:
+            self.state["last_sweep"] = time.monotonic()
             result = self._evaluate_and_apply(now())
             if result["decisions"]:
                 log.info("sweep: %s cases, %s new decisions", result["evaluated"], len(result["decisions"]))
@@ -154,7 +152,7 @@ class SupervisionService(ServiceBase):
     def explain(self, case_id, now_iso=None) -> dict:
         loaded = self.rules.get()
         moment = parse_now(now_iso)
-        with self.db() as session:
+        with snapshot(self.db) as session:
             projection.case_record(session, case_id)  # NotFound for an unknown case
             facts = evaluation.facts_of(session, loaded.rules, loaded.calendar, moment, case_id)
         return {
@@ -188,7 +186,7 @@ class SupervisionService(ServiceBase):
                     ],
                 ) from None
         try:
-            with self.db() as session:
+            with snapshot(self.db) as session:
                 count, proposed = evaluation.evaluate(session, candidate.rules, candidate.calendar, moment)
                 _, current = evaluation.evaluate(session, running.rules, running.calendar, moment)
         finally:
@@ -225,7 +223,7 @@ class SupervisionService(ServiceBase):
 
     @rpc(expected_exceptions=(NotFound,))
     def get_case_record(self, case_id: str) -> dict:
-        with self.db() as session:
+        with snapshot(self.db) as session:
             record = projection.case_record(session, case_id)
             record["escalations"] = escalation.escalations_for(session, case_id)
             return record
@@ -250,7 +248,7 @@ class SupervisionService(ServiceBase):
     # --- HTTP (staff) -------------------------------------------------------------------------
 
     def _staff(self, request, what):
-        actor = actor_for(request, self.keys, self.intake.authenticate)
+        actor = actor_for(request, self.state.setdefault("keys", KeyCache()), self.intake.authenticate)
         require_staff(actor, what)
         return actor
 

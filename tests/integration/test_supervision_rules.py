@@ -1,0 +1,259 @@
+"""Supervision on a real database with the real rule files and calendar: each default rule
+firing and not firing, clusters of similar cases, and each escalation happening once."""
+
+import threading
+import uuid
+from datetime import datetime
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import sessionmaker
+
+from services.common.rules.provider import with_calendar
+from services.common.timeutil import CST
+from services.supervision import escalation, evaluation, projection
+from services.supervision import rules as supervision_rules
+from services.supervision.models import agenda, agenda_cases, decisions, outbox
+from tests.conftest import DEMO_DIRECTORY
+
+RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
+REFERRED = datetime(2026, 9, 29, 10, 0, tzinfo=CST)  # due 12 Oct (5 working days over National Day)
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=CST) if "+" not in text else datetime.fromisoformat(text)
+
+
+@pytest.fixture
+def world(db):
+    loaded = with_calendar(supervision_rules.load)(RULES_DIR)
+    sessions = sessionmaker(db)
+
+    class World:
+        counter = 0
+
+        def event(self, event_type, case_id, when=REFERRED, **payload):
+            body = {
+                "event_id": str(uuid.uuid4()),
+                "event_type": event_type,
+                "occurred_at": when.isoformat(),
+                "case_id": case_id,
+                **payload,
+            }
+            with sessions.begin() as session:
+                if event_type == "case_received":
+                    projection.record_case_received(session, body)
+                else:
+                    projection.record_routing_event(session, body)
+
+        def case(
+            self,
+            case_id,
+            title="丹竹头社区路灯不亮",
+            street="nanwan",
+            category="urban_management",
+            departments=("cgj",),
+            due="2026-10-12T23:59:59+08:00",
+            received=REFERRED,
+            **fields,
+        ):
+            self.event(
+                "case_received",
+                case_id,
+                received,
+                source="hotline-12345",
+                channel="amqp",
+                title=title,
+                description=fields.pop("description", "d"),
+                category=category,
+                street=street,
+                received_at=received.isoformat(),
+                residents_affected=fields.pop("residents", None),
+            )
+            self.counter += 1
+            referrals = [
+                {
+                    "referral_id": f"{case_id}-R{i + 1}",
+                    "department": d,
+                    "department_name": d,
+                    "lead": i == 0,
+                    "due_at": due,
+                    "return_by": due,
+                }
+                for i, d in enumerate(departments)
+            ]
+            self.event(
+                "case_referred",
+                case_id,
+                received,
+                referrals=referrals,
+                round=1,
+                category=category,
+                street=street,
+                kind="referral",
+                source="hotline-12345",
+            )
+
+        def sweep(self, when, case_ids=None):
+            with sessions() as session:
+                _, decided = evaluation.evaluate(session, loaded.rules, loaded.calendar, at(when), case_ids)
+            decided.sort(key=lambda d: d.key)
+            with sessions.begin() as session:
+                return [(d.rule_id, d.action, tuple(d.case_ids)) for d in escalation.apply(session, decided, at(when))]
+
+        def explain(self, case_id, when):
+            with sessions() as session:
+                facts = evaluation.facts_of(session, loaded.rules, loaded.calendar, at(when), case_id)
+            return facts, {r["rule_id"]: r for r in loaded.rules.explain("escalate", facts)}
+
+        def count(self, table):
+            with sessions() as session:
+                return session.scalar(select(func.count()).select_from(table))
+
+        def events(self, event_type):
+            with sessions() as session:
+                return [p for t, p in session.execute(select(outbox.c.event_type, outbox.c.payload)) if t == event_type]
+
+        sessionmaker = sessions
+
+    return World()
+
+
+def test_reminder_one_working_day_before_the_deadline_once(world):
+    world.case("C-1")
+    assert world.sweep("2026-10-08T09:00:00") == []  # 9, 10 (调休 Saturday), 12 Oct: 3 working days left
+    assert world.sweep("2026-10-10T09:00:00") == [("remind-before-deadline", "remind_department", ("C-1",))]
+    assert world.sweep("2026-10-10T15:00:00") == []  # the same reminder is not sent twice
+    [reminded] = world.events("department_reminded")
+    assert reminded["referrals"][0]["department"] == "cgj"
+    assert world.sweep("2026-10-12T09:00:00") == []  # due today: no second reminder
+
+
+def test_five_working_days_overdue_goes_on_the_agenda_with_joint_supervision(world):
+    world.case("C-2")
+    assert world.sweep("2026-10-16T09:00:00") == []  # 4 working days overdue
+    facts, explained = world.explain("C-2", "2026-10-16T09:00:00")
+    assert facts["working_days_overdue"] == 4
+    assert explained["overdue-5-working-days"]["failed_conditions"] == ["working_days_overdue ge 5 (is 4)"]
+    taken = world.sweep("2026-10-19T09:00:00")
+    assert sorted(a for _, a, _ in taken) == ["add_to_agenda", "alert_supervisors", "open_joint_supervision"]
+    assert {e["kind"] for e in world.events("case_escalated")} == {"agenda", "joint_supervision"}
+    assert world.events("supervisors_alerted")[0]["departments"] == ["cgj"]
+    assert world.sweep("2026-10-20T09:00:00") == [] and world.count(agenda) == 2
+
+
+def test_returned_twice_and_unsatisfied_twice(world):
+    world.case("C-3")
+    world.event("referral_returned", "C-3", referral_id="C-3-R1", department="cgj", reason="x")
+    assert world.sweep("2026-09-30T09:00:00") == []
+    world.event("referral_returned", "C-3", referral_id="C-3-R1", department="cgj", reason="y")
+    assert world.sweep("2026-09-30T09:00:00") == [("returned-twice", "add_to_agenda", ("C-3",))]
+
+    world.case("C-4")
+    world.event("feedback_received", "C-4", rating="不满意")
+    assert world.sweep("2026-09-30T09:00:00") == []
+    world.event("feedback_received", "C-4", rating="不满意")
+    assert world.sweep("2026-09-30T09:00:00") == [("unsatisfied-twice", "add_to_agenda", ("C-4",))]
+
+
+def test_wide_ranging_cases_unresolved_after_20_working_days_get_a_special_inspection(world):
+    world.case(
+        "C-5",
+        title="大芬油画村综合整治",
+        category="urban_renewal",
+        street="buji",
+        departments=("gxzbj", "wgltj", "cgj"),
+        due="2026-12-31T23:59:59+08:00",
+    )
+    world.case(
+        "C-6",
+        title="横岗南片区海绵公园建设",
+        category="parks",
+        street="henggang",
+        residents=20000,
+        due="2026-12-31T23:59:59+08:00",
+    )
+    world.case(
+        "C-7",
+        title="宝龙街道某路段积水",
+        category="water",
+        street="baolong",
+        departments=("swj", "zjj"),
+        due="2026-12-31T23:59:59+08:00",
+    )
+    # 29 Sep + 20 working days (30 Sep; 8, 9 and the 调休 Saturday 10 Oct; 12–16, 19–23, 26–30 Oct; 2 Nov)
+    assert world.sweep("2026-10-30T09:00:00") == []  # 19
+    taken = world.sweep("2026-11-02T09:00:00")
+    assert sorted(taken) == [
+        ("wide-ranging-unresolved", "trigger_special_inspection", ("C-5",)),
+        ("wide-ranging-unresolved", "trigger_special_inspection", ("C-6",)),
+    ]
+
+
+def test_a_closed_case_is_never_escalated(world):
+    world.case("C-8")
+    world.event("case_closed", "C-8", rating="满意")
+    assert world.sweep("2026-11-30T09:00:00") == []
+
+
+HAIJIXING = [
+    "海吉星市场周边交通拥堵",
+    "海吉星市场货车占道拥堵",
+    "海吉星市场门口交通拥堵严重",
+    "白坭坑海吉星市场拥堵",
+    "海吉星市场早高峰拥堵",
+    "海吉星市场附近交通拥堵",
+    "海吉星市场周边人车混行拥堵",
+    "海吉星市场路口拥堵",
+    "海吉星市场周边道路拥堵",
+    "海吉星市场交通拥堵问题",
+]
+
+
+def test_five_similar_cases_become_one_agenda_item_and_ten_a_special_inspection(world):
+    for i, title in enumerate(HAIJIXING[:4]):
+        world.case(f"H-{i}", title=title, category="traffic", street="pinghu", due="2026-12-31T23:59:59+08:00")
+    world.case(
+        "X-1", title="海吉星市场周边交通拥堵", category="traffic", street="buji", due="2026-12-31T23:59:59+08:00"
+    )
+    world.case("X-2", title="南湾街道路灯不亮", category="traffic", street="pinghu", due="2026-12-31T23:59:59+08:00")
+    assert world.sweep("2026-09-30T09:00:00") == []  # four similar in 平湖; the others differ by street or text
+
+    world.case("H-4", title=HAIJIXING[4], category="traffic", street="pinghu", due="2026-12-31T23:59:59+08:00")
+    assert world.sweep("2026-09-30T09:00:00") == [
+        ("similar-cases-5", "add_to_agenda", ("H-0", "H-1", "H-2", "H-3", "H-4"))
+    ]
+    [item] = world.events("case_escalated")
+    assert item["scope"] == "cluster" and item["case_ids"] == ["H-0", "H-1", "H-2", "H-3", "H-4"]
+
+    for i in range(5, 10):
+        world.case(f"H-{i}", title=HAIJIXING[i], category="traffic", street="pinghu", due="2026-12-31T23:59:59+08:00")
+    taken = world.sweep("2026-09-30T09:00:00")
+    assert [(r, a) for r, a, _ in taken] == [("similar-cases-10", "trigger_special_inspection")]
+    assert world.count(agenda) == 2  # one agenda item for the cluster, one inspection: not forty
+    with world.sessionmaker() as session:
+        linked = session.execute(select(agenda.c.kind, func.count()).join(agenda_cases).group_by(agenda.c.kind)).all()
+    assert dict(linked) == {"agenda": 10, "special_inspection": 10}  # the agenda item grew with its cluster
+
+
+def test_concurrent_sweeps_take_each_decision_once(world):
+    for i, title in enumerate(HAIJIXING):
+        world.case(f"H-{i}", title=title, category="traffic", street="pinghu")
+    results, errors = [], []
+
+    def replica():
+        try:
+            results.append(world.sweep("2026-10-19T09:00:00"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    taken = [d for result in results for d in result]
+    assert len(taken) == len(set(taken)) == world.count(decisions)
+    # 10 overdue cases × (agenda + joint supervision), + the cluster's agenda item and inspection
+    assert world.count(agenda) == 22
