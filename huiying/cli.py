@@ -115,14 +115,15 @@ def down():
 def status(as_json):
     """Each service's health, queue depths and dead-letter counts."""
     from services.common.topology import all_service_classes, event_handler_queues
-    from services.intake.ticket_queue import DEAD_QUEUE, TICKET_QUEUE
+    from services.intake.ticket_queue import DEAD_QUEUE, RETRY_QUEUE, TICKET_QUEUE
 
     services = {}
     for service in settings.SERVICES:
         services[service] = stack.health(service) | {"pid": stack.running_pid(service)}
     try:
         stack.check_broker()
-        names = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)] + [TICKET_QUEUE.name]
+        names = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)]
+        names += [TICKET_QUEUE.name, RETRY_QUEUE.name]
         queues = stack.queue_depths(settings.amqp_uri(), names)
         dead = {name: v["messages"] for name, v in stack.queue_depths(settings.amqp_uri(), [DEAD_QUEUE.name]).items()}
         broker = "ok"

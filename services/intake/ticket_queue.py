@@ -32,11 +32,38 @@ TICKET_QUEUE = Queue(
     queue_arguments={"x-dead-letter-exchange": DEAD_EXCHANGE.name, "x-dead-letter-routing-key": ROUTING_KEY},
 )
 DEAD_QUEUE = Queue("huiying.intake.tickets.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY, durable=True)
+# A valid ticket that fails for another reason (database down) waits here for its per-message
+# TTL, then RabbitMQ dead-letters it back onto the ticket queue: delayed redelivery by the broker,
+# not a sleeping worker, and bounded — after MAX_ATTEMPTS it goes to the dead-letter queue.
+RETRY_EXCHANGE = Exchange("huiying.tickets.retry", type="direct", durable=True)
+RETRY_QUEUE = Queue(
+    "huiying.intake.tickets.retry",
+    exchange=RETRY_EXCHANGE,
+    routing_key=ROUTING_KEY,
+    durable=True,
+    queue_arguments={"x-dead-letter-exchange": TICKET_EXCHANGE.name, "x-dead-letter-routing-key": ROUTING_KEY},
+)
 REASON_HEADER = "x-huiying-reason"
+ATTEMPTS_HEADER = "x-huiying-attempts"
+MAX_ATTEMPTS = 8  # delays 1, 2, 4 … 64 s: about two minutes of outage before a ticket is parked
 
 
 def ticket_queues() -> list[Queue]:
-    return [TICKET_QUEUE, DEAD_QUEUE]
+    return [TICKET_QUEUE, RETRY_QUEUE, DEAD_QUEUE]
+
+
+def retry_later(amqp_uri: str, message, attempt: int):
+    """Send a copy of the message to wait in the retry queue; it comes back after the delay."""
+    publisher = Publisher(amqp_uri, exchange=RETRY_EXCHANGE, declare=[RETRY_EXCHANGE, RETRY_QUEUE])
+    body = message.body.encode("utf-8", "surrogateescape") if isinstance(message.body, str) else message.body
+    publisher.publish(
+        body,
+        routing_key=ROUTING_KEY,
+        content_type=message.content_type or "application/json",
+        content_encoding="binary",
+        expiration=2 ** (attempt - 1),  # seconds (kombu turns them into the milliseconds AMQP wants)
+        headers={**(message.headers or {}), ATTEMPTS_HEADER: attempt + 1},
+    )
 
 
 def publish_dead_letter(amqp_uri: str, body: bytes, reason: str, content_type: str | None, headers: dict | None):
@@ -93,12 +120,43 @@ class TicketQueueConsumer(QueueConsumer):
 
 
 class TicketConsumer(Consumer):
+    """Invalid tickets never raise (the handler dead-letters them); a ticket whose handling raises
+    is retried later by the broker, and parked in the dead-letter queue after MAX_ATTEMPTS. It is
+    never acked away unhandled: if even the retry cannot be published, it is requeued."""
+
     queue_consumer = TicketQueueConsumer()
 
     def __init__(self, **kwargs):
-        # requeue_on_error: a valid ticket that fails for an unexpected reason (database down)
-        # stays queued rather than being acked and lost; invalid ones never raise (dead-lettered).
-        super().__init__(TICKET_QUEUE, requeue_on_error=True, **kwargs)
+        super().__init__(TICKET_QUEUE, **kwargs)
+
+    def handle_message_processed(self, message, result=None, exc_info=None):
+        if exc_info is None:
+            return self.queue_consumer.ack_message(message)
+        attempt = int((message.headers or {}).get(ATTEMPTS_HEADER, 1))
+        error = f"{exc_info[0].__name__}: {str(exc_info[1])[:300]}"
+        amqp_uri = self.container.config["AMQP_URI"]
+        try:
+            if attempt >= MAX_ATTEMPTS:
+                publish_dead_letter(
+                    amqp_uri,
+                    message.body,
+                    f"failed {attempt} times, last: {error}",
+                    message.content_type,
+                    message.headers,
+                )
+            else:
+                log.warning(
+                    "ticket failed (attempt %s of %s): %s; retrying in %ss",
+                    attempt,
+                    MAX_ATTEMPTS,
+                    exc_info[0].__name__,
+                    2 ** (attempt - 1),
+                )
+                retry_later(amqp_uri, message, attempt)
+        except Exception:
+            log.exception("could not park a failed ticket for retry; requeueing it")
+            return self.queue_consumer.requeue_message(message)
+        self.queue_consumer.ack_message(message)
 
 
 consume_tickets = TicketConsumer.decorator
