@@ -11,7 +11,7 @@ from sqlalchemy import select
 from services.common.auth import request_key
 from services.common.base import ServiceBase
 from services.common.directory import DirectoryError, parse_directory
-from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_response
+from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_body, json_response
 from services.common.outbox import OutboxRelay
 from services.intake import cases, credentials, open311
 from services.intake.models import cases as cases_table
@@ -141,13 +141,8 @@ class IntakeService(ServiceBase):
     @http("POST", "/api/v1/cases")
     def http_submit_case(self, request):
         who = self._caller(request)
-        try:
-            data = json.loads(request.get_data(as_text=True) or "null")
-        except ValueError as exc:
-            raise ValidationFailed(
-                f"body is not valid JSON: {exc}", [{"field": None, "problem": "not JSON"}], status=400
-            ) from None
-        if isinstance(data, dict) and who["role"] == "source":
+        data = json_body(request)
+        if who["role"] == "source":
             if data.get("source", who["subject"]) != who["subject"]:
                 raise Forbidden(f"this key submits for source {who['subject']!r} only")
             data = {**data, "source": who["subject"]}

@@ -54,24 +54,21 @@ ACTIONS = {
     ]
 }
 
-SETTINGS = {"return_window_working_days": 1, "max_extension_working_days": 1}
-
-
-def _check_settings(settings: dict):
-    for name, minimum in SETTINGS.items():
-        if name not in settings:
-            yield ("rules/routing", 1, f"setting {name!r} is missing (policy.yaml)")
-            continue
-        value, file, line = settings[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            yield (file, line, f"{name} must be a whole number ≥ {minimum}")
-    for name, (_, file, line) in settings.items():
-        if name not in SETTINGS:
-            yield (file, line, f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
+SETTINGS = {
+    "return_window_working_days": ("int", 1, 60),
+    "max_extension_working_days": ("int", 1, 250),
+}
 
 
 def load(directory: Path) -> ruleset.Ruleset:
-    loaded = ruleset.load(Path(directory) / "routing", "routing", FACTS, ACTIONS, STAGES, _check_settings)
+    loaded = ruleset.load(
+        Path(directory) / "routing",
+        "routing",
+        FACTS,
+        ACTIONS,
+        STAGES,
+        ruleset.settings_checker("rules/routing", SETTINGS),
+    )
     problems = []
     for rule in loaded.rules:
         for name, params in rule.actions:

@@ -56,32 +56,21 @@ ACTIONS = {
 }
 
 SETTINGS = {
-    "cluster_window_days": ("int", 1),
-    "cluster_similarity": ("number", 0),
-    "sweep_interval_seconds": ("int", 5),
+    "cluster_window_days": ("int", 1, 366),
+    "cluster_similarity": ("number", 0, 1),  # share of shared two-character words
+    "sweep_interval_seconds": ("int", 5, 86400),
 }
 
 
-def _check_settings(settings: dict):
-    for name, (kind, minimum) in SETTINGS.items():
-        if name not in settings:
-            yield ("rules/supervision", 1, f"setting {name!r} is missing (policy.yaml)")
-            continue
-        value, file, line = settings[name]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or (kind == "int" and not isinstance(value, int)) or value < minimum:
-            yield (file, line, f"{name} must be a {'whole ' if kind == 'int' else ''}number ≥ {minimum}")
-    for name, (_, file, line) in settings.items():
-        if name not in SETTINGS:
-            yield (file, line, f"unknown setting {name!r}; known: {', '.join(SETTINGS)}")
-    if "cluster_similarity" in settings and isinstance(settings["cluster_similarity"][0], (int, float)):
-        value, file, line = settings["cluster_similarity"]
-        if value > 1:
-            yield (file, line, "cluster_similarity is a share of shared words, from 0 to 1")
-
-
 def load(directory: Path) -> ruleset.Ruleset:
-    loaded = ruleset.load(Path(directory) / "supervision", "supervision", FACTS, ACTIONS, STAGES, _check_settings)
+    loaded = ruleset.load(
+        Path(directory) / "supervision",
+        "supervision",
+        FACTS,
+        ACTIONS,
+        STAGES,
+        ruleset.settings_checker("rules/supervision", SETTINGS),
+    )
     problems = [
         ruleset.Problem(rule.file, rule.line, f"rule {rule.id}: scope must be case or cluster")
         for rule in loaded.rules

@@ -116,6 +116,27 @@ class Ruleset:
         self._compiled.clear()
 
 
+def settings_checker(folder: str, spec: dict):
+    """A ``settings_check`` for ``load``: ``spec`` maps each setting to ``(kind, minimum, maximum)``
+    with kind ``int`` or ``number``; every setting is required and no other is allowed."""
+
+    def check(settings: dict):
+        for name, (kind, minimum, maximum) in spec.items():
+            if name not in settings:
+                yield (folder, 1, f"setting {name!r} is missing (policy.yaml)")
+                continue
+            value, file, line = settings[name]
+            is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not is_number or (kind == "int" and not isinstance(value, int)) or not minimum <= value <= maximum:
+                whole = "whole " if kind == "int" else ""
+                yield (file, line, f"{name} must be a {whole}number from {minimum:g} to {maximum:g}")
+        for name, (_, file, line) in settings.items():
+            if name not in spec:
+                yield (file, line, f"unknown setting {name!r}; known: {', '.join(spec)}")
+
+    return check
+
+
 def is_test_file(path: Path) -> bool:
     """``*.test.yaml`` files hold rule tests (``huiying rules test``), not rules."""
     return path.name.endswith(".test.yaml")
