@@ -191,3 +191,71 @@ def test_two_replicas_sweeping_at_once_escalate_once(env, runner_factory, servic
     # The cluster's item was made when the fifth similar case arrived (evaluation on each event).
     cluster_items = [i for i in items if i["rule_id"] == "similar-cases-5"]
     assert len(cluster_items) == 1 and len(cluster_items[0]["case_ids"]) == 5
+
+
+def test_default_rules_on_cases_walked_through_routing(env, rpc):
+    """Returns, ratings, reach and deadlines produced by routing itself, not by hand-made events."""
+    cli, submit, _ = env
+
+    def escalations(case_id):
+        return {
+            (e["rule_id"], e["action"])
+            for e in json.loads(cli("case", "show", case_id, "--json").stdout)["escalations"]
+        }
+
+    # Returned twice (退单): each department says "not ours" until the case lands on triage.
+    ping_pong = submit("W-1", "海吉星市场周边交通拥堵")
+    for _ in range(2):
+        lead = next(r for r in rpc.routing.list_referrals("referred", None, ping_pong) if r["lead"])
+        rpc.routing.referral_step(lead["id"], "return", {"reason": "不属于本部门职责"})
+    wait_for(lambda: ("returned-twice", "add_to_agenda") in escalations(ping_pong), timeout=15)
+
+    # Rated unsatisfied twice: reply, 不满意, redo, reply, 不满意.
+    unhappy = submit("W-2", "丹竹头社区路灯不亮", street="南湾")
+    for _ in range(2):
+        for referral in rpc.routing.list_referrals("referred", None, unhappy):
+            rpc.routing.referral_step(referral["id"], "reply", {"result": "已处理"})
+        wait_for(lambda: rpc.routing.get_case_routing(unhappy)["status"] == "replied")
+        rpc.routing.record_feedback(unhappy, "不满意")
+    wait_for(lambda: ("unsatisfied-twice", "add_to_agenda") in escalations(unhappy), timeout=15)
+    assert ("returned-twice", "add_to_agenda") not in escalations(unhappy)
+
+    # Three departments, unresolved: a special inspection 20 working days after the referral.
+    wide = rpc.intake.submit_case(
+        {
+            "source": "hotline-12345",
+            "external_id": "W-3",
+            "title": "你好",
+            "description": "布吉街道某片区综合问题",
+            "street": "布吉",
+        }
+    )["id"]
+    wait_for(lambda: any(c["case_id"] == wide for c in rpc.routing.list_triage()))  # no rule routes it
+    rpc.routing.route_triaged_case(wide, ["gxzbj", "wgltj", "cgj"], "gxzbj")  # staff name three departments
+    wait_for(lambda: len(json.loads(cli("case", "show", wide, "--json").stdout)["referrals"]) == 3)
+    referred_on = json.loads(cli("case", "show", wide, "--json").stdout)["referrals"][0]["referred_at"][:10]
+    from datetime import date
+
+    from services.common.workdays import WorkingCalendar
+
+    calendar = WorkingCalendar.from_file(RULES_DIR / "calendar" / "holidays.yaml")
+    day_19 = calendar.add_working_days(date.fromisoformat(referred_on), 19)
+    day_20 = calendar.add_working_days(date.fromisoformat(referred_on), 20)
+    cli("sweep", "--now", f"{day_19}T09:00:00+08:00")
+    assert ("wide-ranging-unresolved", "trigger_special_inspection") not in escalations(wide)
+    cli("sweep", "--now", f"{day_20}T09:00:00+08:00")
+    assert ("wide-ranging-unresolved", "trigger_special_inspection") in escalations(wide)
+
+    # The reminder: one working day before the deadline, once.
+    due = date.fromisoformat(json.loads(cli("case", "show", wide, "--json").stdout)["referrals"][0]["due_at"][:10])
+    day_before = next(
+        d
+        for d in (date.fromordinal(due.toordinal() - n) for n in range(1, 10))
+        if calendar.working_days_between(d, due) == 1
+    )
+    first = json.loads(cli("sweep", "--now", f"{day_before}T09:00:00+08:00", "--json").stdout)
+    assert ("remind-before-deadline", "remind_department", (wide,)) in {
+        (d["rule_id"], d["action"], tuple(d["case_ids"])) for d in first["decisions"]
+    }
+    again = json.loads(cli("sweep", "--now", f"{day_before}T17:00:00+08:00", "--json").stdout)
+    assert all(d["action"] != "remind_department" or d["case_ids"] != [wide] for d in again["decisions"])
