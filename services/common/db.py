@@ -5,6 +5,7 @@ Workers write ``with self.db.begin() as session: ...``: one transaction, committ
 rolled back on any exception, so nothing is ever half-written.
 """
 
+import threading
 from contextlib import contextmanager
 from datetime import timezone
 from pathlib import Path
@@ -37,22 +38,52 @@ def create_db_engine(url: str) -> Engine:
         def _sqlite_pragmas(dbapi_connection, _record):
             # Four service processes share one embedded file: WAL lets readers and one writer
             # work at once, and busy_timeout makes a writer wait instead of failing.
+            dbapi_connection.isolation_level = None  # transactions begin below, not in the driver
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
+        @event.listens_for(engine, "begin")
+        def _begin_immediate(connection):
+            # Take the write lock at the start: a transaction that read first and wrote later
+            # would fail outright (SQLITE_BUSY) if another process wrote in between.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
 
+class OneAtATime:
+    """SQLite only: one transaction at a time in this process. sqlite3 waits for a lock inside C,
+    without yielding to eventlet, so a greenthread waiting for a lock that another greenthread of
+    the same process holds would wait for a holder that can never run. PostgreSQL needs none of
+    this: psycogreen makes its waits cooperative."""
+
+    def __init__(self, maker: sessionmaker):
+        self.maker = maker
+        self.lock = threading.RLock()  # green once eventlet has patched threading
+
+    @contextmanager
+    def __call__(self):
+        with self.lock, self.maker() as session:
+            yield session
+
+    @contextmanager
+    def begin(self):
+        with self.lock, self.maker.begin() as session:
+            yield session
+
+
 class Database(DependencyProvider):
-    """Gives each worker a ``sessionmaker``; call ``.begin()`` for a transaction."""
+    """Gives each worker a session factory: ``with db() as s`` to read, ``with db.begin() as s``
+    for a transaction."""
 
     def setup(self):
         self.engine = create_db_engine(self.container.config["DATABASE_URL"])
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        maker = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = OneAtATime(maker) if self.engine.dialect.name == "sqlite" else maker
 
     def stop(self):
         self.engine.dispose()

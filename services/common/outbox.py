@@ -48,8 +48,7 @@ def add_event(session, table: Table, event_type: str, payload: dict) -> dict:
 
 
 class OutboxRelay:
-    """Publishes pending outbox rows in order. One relay runs at a time per process; replicas on
-    PostgreSQL skip each other's locked rows."""
+    """Publishes pending outbox rows in order; one relay runs at a time per process."""
 
     def __init__(self, table: Table, batch_size: int = 200):
         self.table = table
@@ -68,19 +67,26 @@ class OutboxRelay:
             self._running.release()
 
     def _relay(self, sessions, dispatch) -> int:
+        # Read, publish, then mark — no database transaction stays open while the broker is
+        # talked to. A crash between publish and mark publishes the row again: at least once.
         published = 0
         while True:
-            with sessions.begin() as session:
+            with sessions() as session:
                 rows = session.execute(
                     select(self.table.c.id, self.table.c.event_type, self.table.c.payload)
                     .where(self.table.c.published_at.is_(None))
                     .order_by(self.table.c.id)
                     .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
                 ).all()
+            done = []
+            try:
                 for row in rows:
                     dispatch(row.event_type, row.payload)
-                    session.execute(update(self.table).where(self.table.c.id == row.id).values(published_at=now()))
-                    published += 1
+                    done.append(row.id)
+            finally:
+                if done:
+                    with sessions.begin() as session:
+                        session.execute(update(self.table).where(self.table.c.id.in_(done)).values(published_at=now()))
+                    published += len(done)
             if len(rows) < self.batch_size:
                 return published

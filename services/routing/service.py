@@ -51,9 +51,11 @@ class RoutingService(ServiceBase):
         self.state["department_names"] = {d["code"]: d["name"] for d in (directory or {}).get("departments", [])}
 
     def _step(self, function, *args):
-        """Run one lifecycle step in a transaction, then publish its events."""
+        """Run one lifecycle step in a transaction, then publish its events. The context (which
+        may ask intake for the directory) is made first: no RPC while a transaction is open."""
+        context = self._context()
         with self.db.begin() as session:
-            result = function(session, self._context(), *args)
+            result = function(session, context, *args)
         self.publish_events()
         return result
 
@@ -65,9 +67,10 @@ class RoutingService(ServiceBase):
     # requeue_on_error: a failure here (database down) must not ack the case away.
     @event_handler("intake", "case_received", requeue_on_error=True)
     def on_case_received(self, event):
+        context = self._context()
         with self.db.begin() as session:
-            if referrals.record_case(session, event, now()):  # False: a redelivery, already routed
-                referrals.route(session, self._context(), event["case_id"])
+            if referrals.record_case(session, event, context.now):  # False: a redelivery, already routed
+                referrals.route(session, context, event["case_id"])
         self.publish_events()
 
     @event_handler("intake", "directory_loaded")
@@ -91,15 +94,15 @@ class RoutingService(ServiceBase):
 
     @rpc(expected_exceptions=EXPECTED)
     def list_referrals(self, status=None, department=None, case_id=None) -> list:
+        names = self._context().department_names
         with self.db() as session:
-            return referrals.list_referrals(
-                session, CLI_ACTOR, self._context().department_names, status, department, case_id
-            )
+            return referrals.list_referrals(session, CLI_ACTOR, names, status, department, case_id)
 
     @rpc(expected_exceptions=EXPECTED)
     def get_case_routing(self, case_id) -> dict:
+        names = self._context().department_names
         with snapshot(self.db) as session:
-            return referrals.case_view(session, case_id, CLI_ACTOR, self._context().department_names)
+            return referrals.case_view(session, case_id, CLI_ACTOR, names)
 
     @rpc
     def list_triage(self) -> list:
@@ -144,11 +147,12 @@ class RoutingService(ServiceBase):
         if actor["role"] not in ("department", "staff"):
             raise Forbidden("referrals are for departments and staff")
         args = request.args
+        names = self._context().department_names
         with self.db() as session:
             found = referrals.list_referrals(
                 session,
                 actor,
-                self._context().department_names,
+                names,
                 args.get("status"),
                 args.get("department"),
                 args.get("case_id"),
@@ -159,9 +163,10 @@ class RoutingService(ServiceBase):
     @http("GET", "/api/v1/referrals/<referral_id>")
     def http_get_referral(self, request, referral_id):
         actor = self._actor(request)
+        names = self._context().department_names
         with self.db() as session:
             row = referrals._referral(session, referral_id, actor, lock=False)
-            return json_response(200, referrals.referral_view(row, self._context().department_names))
+            return json_response(200, referrals.referral_view(row, names))
 
     @http("POST", "/api/v1/referrals/<referral_id>/<any(accept,return,extension,reply):step>")
     def http_referral_step(self, request, referral_id, step):
@@ -186,8 +191,9 @@ class RoutingService(ServiceBase):
     @http("GET", "/api/v1/cases/<case_id>")
     def http_case(self, request, case_id):
         actor = self._actor(request)
+        names = self._context().department_names
         with snapshot(self.db) as session:
-            return json_response(200, referrals.case_view(session, case_id, actor, self._context().department_names))
+            return json_response(200, referrals.case_view(session, case_id, actor, names))
 
     @http("GET", "/api/v1/triage")
     def http_triage(self, request):

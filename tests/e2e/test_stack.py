@@ -61,6 +61,31 @@ def test_up_load_submit_show_status_down(stack_env):
     record = wait_for(shown, timeout=20, interval=0.5)
     assert record["street"] == "yuanshan" and record["timeline"][0]["event"] == "case_received"
 
+    # The embedded database shared by four processes holds up under a batch: the 58 suggestions
+    # of one consultation event, routed and clustered while they arrive.
+    imported = json.loads(
+        huiying(
+            stack_env,
+            "import",
+            DEMO_DIRECTORY.parent / "examples" / "haijixing-58-suggestions.csv",
+            "--source",
+            "consultation-pinghu",
+            "--json",
+        ).stdout
+    )
+    assert imported == {"imported": 58, "duplicates": 0, "rejected": []}
+    agenda = wait_for(lambda: json.loads(huiying(stack_env, "agenda", "list", "--json").stdout), timeout=30, interval=1)
+    assert all(item["rule_id"].startswith("similar-cases") for item in agenda)
+    last = wait_for(
+        lambda: (
+            (r := huiying(stack_env, "case", "show", submitted["id"][:8] + "000059", "--json")).returncode == 0
+            and json.loads(r.stdout)
+        ),
+        timeout=30,
+        interval=1,
+    )
+    assert len(last["referrals"]) == 2
+
     status = json.loads(huiying(stack_env, "status", "--json").stdout)
     assert all(s["healthy"] for s in status["services"].values())
     assert set(status["services"]) == {"intake", "routing", "supervision", "notify"}
