@@ -16,6 +16,7 @@ from nameko.amqp.publish import Publisher
 from nameko.extensions import DependencyProvider
 from nameko.messaging import Consumer, QueueConsumer
 
+from services.common.retrying import backoff_seconds, publish_for_retry, retry_queue
 from services.common.timeutil import iso, now
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,7 @@ DEAD_QUEUE = Queue("huiying.intake.tickets.dead", exchange=DEAD_EXCHANGE, routin
 # A valid ticket that fails for another reason (database down) waits here for its per-message
 # TTL, then RabbitMQ dead-letters it back onto the ticket queue: delayed redelivery by the broker,
 # not a sleeping worker, and bounded — after MAX_ATTEMPTS it goes to the dead-letter queue.
-RETRY_EXCHANGE = Exchange("huiying.tickets.retry", type="direct", durable=True)
-RETRY_QUEUE = Queue(
-    "huiying.intake.tickets.retry",
-    exchange=RETRY_EXCHANGE,
-    routing_key=ROUTING_KEY,
-    durable=True,
-    queue_arguments={"x-dead-letter-exchange": TICKET_EXCHANGE.name, "x-dead-letter-routing-key": ROUTING_KEY},
-)
+RETRY_EXCHANGE, RETRY_QUEUE = retry_queue("huiying.intake.tickets", TICKET_EXCHANGE, ROUTING_KEY)
 REASON_HEADER = "x-huiying-reason"
 ATTEMPTS_HEADER = "x-huiying-attempts"
 MAX_ATTEMPTS = 8  # delays 1, 2, 4 … 64 s: about two minutes of outage before a ticket is parked
@@ -50,20 +44,6 @@ MAX_ATTEMPTS = 8  # delays 1, 2, 4 … 64 s: about two minutes of outage before 
 
 def ticket_queues() -> list[Queue]:
     return [TICKET_QUEUE, RETRY_QUEUE, DEAD_QUEUE]
-
-
-def retry_later(amqp_uri: str, message, attempt: int):
-    """Send a copy of the message to wait in the retry queue; it comes back after the delay."""
-    publisher = Publisher(amqp_uri, exchange=RETRY_EXCHANGE, declare=[RETRY_EXCHANGE, RETRY_QUEUE])
-    body = message.body.encode("utf-8", "surrogateescape") if isinstance(message.body, str) else message.body
-    publisher.publish(
-        body,
-        routing_key=ROUTING_KEY,
-        content_type=message.content_type or "application/json",
-        content_encoding="binary",
-        expiration=2 ** (attempt - 1),  # seconds (kombu turns them into the milliseconds AMQP wants)
-        headers={**(message.headers or {}), ATTEMPTS_HEADER: attempt + 1},
-    )
 
 
 def publish_dead_letter(amqp_uri: str, body: bytes, reason: str, content_type: str | None, headers: dict | None):
@@ -145,14 +125,17 @@ class TicketConsumer(Consumer):
                     message.headers,
                 )
             else:
+                delay = backoff_seconds(attempt)
                 log.warning(
                     "ticket failed (attempt %s of %s): %s; retrying in %ss",
                     attempt,
                     MAX_ATTEMPTS,
                     exc_info[0].__name__,
-                    2 ** (attempt - 1),
+                    delay,
                 )
-                retry_later(amqp_uri, message, attempt)
+                publish_for_retry(
+                    amqp_uri, RETRY_EXCHANGE, RETRY_QUEUE, ROUTING_KEY, message, delay, {ATTEMPTS_HEADER: attempt + 1}
+                )
         except Exception:
             log.exception("could not park a failed ticket for retry; requeueing it")
             return self.queue_consumer.requeue_message(message)
