@@ -51,7 +51,8 @@ def rpc_proxy():
         with ClusterRpcProxy({"AMQP_URI": settings.amqp_uri(), "serializer": "json"}, timeout=RPC_TIMEOUT) as proxy:
             yield proxy
     except UnknownService as exc:
-        raise CliError(f"the {exc} service is not running; start the stack with 'huiying up'") from None
+        name = getattr(exc, "_service_name", exc)
+        raise CliError(f"the {name} service is not running; start the stack with 'huiying up'") from None
     except RpcTimeout:
         raise CliError(f"no answer within {RPC_TIMEOUT}s; is the stack running? ('huiying status')") from None
     except RemoteError as exc:
@@ -438,6 +439,7 @@ def _load_rulesets(directory: Path):
     """Every ruleset in DIR with the calendar; ``(loaded, problems)``."""
     from services.common.rules.provider import with_calendar
     from services.common.rules.ruleset import RulesetInvalid
+    from services.notify import settings as notify_settings
     from services.routing import rules as routing_rules
     from services.supervision import rules as supervision_rules
 
@@ -448,6 +450,10 @@ def _load_rulesets(directory: Path):
             loaded[name] = with_calendar(loaders[name])(directory)
         except RulesetInvalid as exc:
             problems += [str(p) for p in exc.problems]
+    try:
+        notify_settings.load(directory)  # recipients, sources and templates
+    except RulesetInvalid as exc:
+        problems += [str(p) for p in exc.problems]
     return loaded, problems
 
 
@@ -550,17 +556,33 @@ def rules_explain(case_id, now_iso, as_json):
 @click.option("--json", "as_json", is_flag=True)
 def rules_reload(as_json):
     """Make the running services load the rule files now (a bad file is refused)."""
-    with rpc_proxy() as proxy:
-        status = {name: getattr(proxy, name).reload_rules() for name in RULESETS}
+    with rpc_proxy():
+        pass  # one clear line when the broker is down
+    status = {name: _ask_if_running(name, "reload_rules") for name in (*RULESETS, "notify")}
 
     def human(s):
         for name, v in s.items():
+            if v is None:
+                click.echo(f"{name}: not running")
+                continue
             refused = f"; REFUSED: {'; '.join(v['problems'])}" if v["problems"] else ""
             click.echo(f"{name}: version {v['version']}{refused}")
 
     emit(as_json, status, human)
-    if any(v["problems"] for v in status.values()):
+    if any(v and v["problems"] for v in status.values()):
         sys.exit(1)
+
+
+def _ask_if_running(service: str, method: str, *args, timeout: int = 10):
+    """Call a service's RPC method; None when the service is not running."""
+    from nameko.exceptions import RpcTimeout, UnknownService
+    from nameko.standalone.rpc import ClusterRpcProxy
+
+    try:
+        with ClusterRpcProxy({"AMQP_URI": settings.amqp_uri(), "serializer": "json"}, timeout=timeout) as proxy:
+            return getattr(getattr(proxy, service), method)(*args)
+    except (UnknownService, RpcTimeout):
+        return None
 
 
 @rules.command("versions")
@@ -576,6 +598,43 @@ def rules_versions(as_json):
             click.echo(f"{v['loaded_at']}  {v['version']}  {json.dumps(v['changes'], ensure_ascii=False)}") for v in vs
         ],
     )
+
+
+@main.group()
+def notify():
+    """Notifications: what failed, and sending it again."""
+
+
+@notify.command("failures")
+@click.option("--json", "as_json", is_flag=True)
+def notify_failures(as_json):
+    """Deliveries parked after their last attempt (addresses masked)."""
+    with rpc_proxy() as proxy:
+        found = proxy.notify.failures()
+
+    def human(rows):
+        if not rows:
+            click.echo("no failed deliveries")
+        for d in rows:
+            click.echo(
+                f"{d['id']:6} {d['case_id'] or '-':16} {d['recipient']:24} {d['channel']:8} "
+                f"{d['address']}  after {d['attempts']}: {d['last_error']}"
+            )
+
+    emit(as_json, found, human)
+
+
+@notify.command("retry")
+@click.argument("ids", nargs=-1, type=int)
+@click.option("--all", "everything", is_flag=True, help="Every failed delivery.")
+@click.option("--json", "as_json", is_flag=True)
+def notify_retry(ids, everything, as_json):
+    """Send parked deliveries again."""
+    if not ids and not everything:
+        raise CliError("name delivery ids, or --all")
+    with rpc_proxy() as proxy:
+        result = proxy.notify.retry(None if everything else list(ids))
+    emit(as_json, result, lambda r: click.echo(f"queued again: {len(r['retried'])}"))
 
 
 # --- supervision: sweep and agenda ------------------------------------------------------------
@@ -668,6 +727,7 @@ def case_show(case_id, as_json):
     """Every step of a case from receipt to closure or escalation."""
     with rpc_proxy() as proxy:
         record = proxy.supervision.get_case_record(case_id)
+    record["deliveries"] = _ask_if_running("notify", "deliveries_for", case_id, timeout=5)  # None: not known
 
     def human(r):
         click.echo(f"{r['id']}  {r['title']}")
@@ -677,6 +737,11 @@ def case_show(case_id, as_json):
             click.echo(f"  referral {referral['department_name']} ({referral['status']}), due {referral['due_at']}")
         for step in r["timeline"]:
             click.echo(f"  {step['at']}  {step['event']}")
+        for delivery in r["deliveries"] or []:
+            click.echo(
+                f"  notified {delivery['recipient']} by {delivery['channel']} ({delivery['address']}): "
+                f"{delivery['status']}"
+            )
         for escalation in r["escalations"]:
             agenda_item = f" ({escalation['agenda_id']})" if escalation.get("agenda_id") else ""
             click.echo(

@@ -58,6 +58,12 @@ def nameko_config(service: str) -> dict:
         "HUIYING_RULES_DIR": str(rules_dir()),
         "HUIYING_CASE_PREFIX": case_id_prefix(),
         "serializer": "json",
+        # notify's outbound channels
+        "SMTP_HOST": os.environ.get("HUIYING_SMTP_HOST", "localhost"),
+        "SMTP_PORT": int(os.environ.get("HUIYING_SMTP_PORT", "25")),
+        "SMTP_FROM": os.environ.get("HUIYING_SMTP_FROM", "huiying@localhost"),
+        "SMS_GATEWAY_URL": os.environ.get("HUIYING_SMS_GATEWAY_URL", ""),
+        "WEBHOOK_SECRET": os.environ.get("HUIYING_WEBHOOK_SECRET", "huiying-dev-secret"),
         # Enough concurrent workers for bursts, few enough that a 2-core box is not swamped.
         "max_workers": int(os.environ.get("HUIYING_MAX_WORKERS", "10")),
         "HEARTBEAT": 60,

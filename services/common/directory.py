@@ -31,8 +31,10 @@ class District(_Entry):
 
 class Contact(_Entry):
     email: str | None = None
-    phone: str | None = None
-    webhook: str | None = None
+    phone: str | None = None  # a landline is for people; SMS goes to members' and citizens' mobiles
+    webhook: str | None = None  # a generic JSON webhook, signed with HMAC-SHA256
+    wecom: str | None = None  # 企业微信 group-robot webhook
+    dingtalk: str | None = None  # 钉钉 group-robot webhook
 
 
 class Street(_Entry):

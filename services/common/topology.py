@@ -49,6 +49,7 @@ def all_service_classes():
 def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
     """Declare every exchange and queue the system uses; returns the queue names."""
     from services.intake.ticket_queue import ticket_queues
+    from services.notify.queue import delivery_queues
 
     service_classes = service_classes or all_service_classes()
     declared = []
@@ -60,7 +61,7 @@ def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
             for queue in event_handler_queues(cls):
                 queue(channel).declare()
                 declared.append(queue.name)
-        for queue in ticket_queues():
+        for queue in [*ticket_queues(), *delivery_queues()]:
             queue(channel).declare()
             declared.append(queue.name)
     return declared

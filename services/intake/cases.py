@@ -38,10 +38,17 @@ class DirectoryCache:
         self._directory: Directory | None = None
 
     def current(self, session) -> Directory | None:
-        version_id = session.scalar(select(directory_versions.c.id).order_by(directory_versions.c.id.desc()).limit(1))
+        latest = session.execute(
+            select(directory_versions.c.id, directory_versions.c.content_hash)
+            .order_by(directory_versions.c.id.desc())
+            .limit(1)
+        ).first()
+        version_id = tuple(latest) if latest else None
         if version_id != self._version_id:
-            document = session.scalar(
-                select(directory_versions.c.document).where(directory_versions.c.id == version_id)
+            document = (
+                session.scalar(select(directory_versions.c.document).where(directory_versions.c.id == latest.id))
+                if latest
+                else None
             )
             self._directory = parse_directory(document) if document else None
             self._version_id = version_id

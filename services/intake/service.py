@@ -35,13 +35,15 @@ class IntakeService(ServiceBase):
     dead_letter = DeadLetters()
 
     relay = OutboxRelay(outbox)
-    directory_cache = cases.DirectoryCache()
 
     # --- shared steps ---------------------------------------------------------------------
 
+    def _directory_cache(self) -> cases.DirectoryCache:
+        return self.state.setdefault("directory_cache", cases.DirectoryCache())
+
     def _submit(self, data, channel: str) -> cases.Submitted:
         submission = parse_submission(data)
-        result = cases.submit(self.db, submission, channel, self.directory_cache, self.config["HUIYING_CASE_PREFIX"])
+        result = cases.submit(self.db, submission, channel, self._directory_cache(), self.config["HUIYING_CASE_PREFIX"])
         if result.created:
             self.publish_events()
         return result
@@ -60,7 +62,7 @@ class IntakeService(ServiceBase):
 
     def _directory(self):
         with self.db() as session:
-            return self.directory_cache.current(session)
+            return self._directory_cache().current(session)
 
     # --- RPC (operator CLI, other services) ----------------------------------------------
 
@@ -93,6 +95,13 @@ class IntakeService(ServiceBase):
             summary = cases.store_directory(session, directory)
         self.publish_events()
         return summary
+
+    @rpc(expected_exceptions=(NotFound,))
+    def get_reporter_contact(self, case_id: str) -> dict:
+        """The reporter's phone, unmasked: for notify's SMS to the citizen, and nothing else."""
+        with self.db() as session:
+            row = cases.get_case_row(session, case_id)
+        return {"phone": row.reporter_phone}
 
     @rpc
     def get_directory(self) -> dict | None:

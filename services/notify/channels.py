@@ -1,0 +1,111 @@
+"""Sending one delivery: e-mail over SMTP, a signed JSON webhook, 企业微信 and 钉钉 group robots in
+their own message formats, SMS through a configurable HTTP gateway, and status callbacks to
+ticketing systems. One function per channel; ``ChannelError`` says whether trying again may help."""
+
+import hashlib
+import hmac
+import json
+import smtplib
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+import requests
+
+TIMEOUT = 10
+
+
+class ChannelError(RuntimeError):
+    def __init__(self, message: str, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+def signature(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def send(delivery, config: dict):
+    sender = {
+        "email": _email,
+        "webhook": _webhook,
+        "callback": _webhook,
+        "wecom": _wecom,
+        "dingtalk": _dingtalk,
+        "sms": _sms,
+    }.get(delivery.channel)
+    if sender is None:
+        raise ChannelError(f"unknown channel {delivery.channel!r}", retryable=False)
+    try:
+        sender(delivery, config)
+    except ChannelError:
+        raise
+    except (OSError, smtplib.SMTPException, requests.RequestException) as exc:
+        raise ChannelError(f"{delivery.channel}: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def _email(delivery, config):
+    message = EmailMessage()
+    message["From"] = config["SMTP_FROM"]
+    message["To"] = delivery.address
+    message["Subject"] = delivery.subject
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = make_msgid(domain="huiying")
+    message.set_content(delivery.body)
+    with smtplib.SMTP(config["SMTP_HOST"], config["SMTP_PORT"], timeout=TIMEOUT) as smtp:
+        smtp.send_message(message)
+
+
+def _post(url: str, payload: dict, headers: dict | None = None):
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    response = requests.post(
+        url, data=body, headers={"Content-Type": "application/json", **(headers or {})}, timeout=TIMEOUT
+    )
+    if response.status_code >= 500 or response.status_code == 429:
+        raise ChannelError(f"HTTP {response.status_code} from {url.split('?')[0]}")
+    if response.status_code >= 400:
+        raise ChannelError(f"HTTP {response.status_code} from {url.split('?')[0]}", retryable=False)
+    return response
+
+
+def _webhook(delivery, config):
+    payload = (
+        json.loads(delivery.body)
+        if delivery.channel == "callback"
+        else {"subject": delivery.subject, "text": delivery.body, "recipient": delivery.recipient}
+    )
+    body = json.dumps(payload, ensure_ascii=False).encode()
+    _post(delivery.address, payload, {"X-Huiying-Signature": signature(config["WEBHOOK_SECRET"], body)})
+
+
+def _wecom(delivery, config):
+    response = _post(
+        delivery.address, {"msgtype": "markdown", "markdown": {"content": f"**{delivery.subject}**\n{delivery.body}"}}
+    )
+    _robot_answer(response, "errcode")
+
+
+def _dingtalk(delivery, config):
+    response = _post(
+        delivery.address,
+        {
+            "msgtype": "markdown",
+            "markdown": {"title": delivery.subject, "text": f"### {delivery.subject}\n{delivery.body}"},
+        },
+    )
+    _robot_answer(response, "errcode")
+
+
+def _robot_answer(response, key):
+    try:
+        answer = response.json()
+    except ValueError:
+        return
+    if isinstance(answer, dict) and answer.get(key, 0) != 0:
+        raise ChannelError(f"robot refused: {answer.get('errmsg') or answer.get(key)}", retryable=False)
+
+
+def _sms(delivery, config):
+    gateway = config.get("SMS_GATEWAY_URL")
+    if not gateway:
+        raise ChannelError("no SMS gateway configured (HUIYING_SMS_GATEWAY_URL)", retryable=False)
+    _post(gateway, {"phone": delivery.address, "text": f"{delivery.subject} {delivery.body}"[:500]})

@@ -1,0 +1,138 @@
+"""Recording the deliveries an event owes (once), claiming and finishing them, and the failure list."""
+
+from datetime import timedelta
+
+from sqlalchemy import select, update
+
+from services.common.timeutil import iso
+from services.common.upsert import insert_ignoring_duplicates
+from services.notify.models import deliveries, notify_cases
+from services.notify.planning import Delivery, masked_address
+
+
+def record_case(session, event: dict) -> bool:
+    return insert_ignoring_duplicates(
+        session,
+        notify_cases,
+        dict(
+            case_id=event["case_id"],
+            source=event["source"],
+            external_id=event["external_id"],
+            title=event["title"],
+            street=event.get("street"),
+            category=event.get("category"),
+        ),
+    )
+
+
+def case_of(session, case_id: str) -> dict | None:
+    row = session.execute(select(notify_cases).where(notify_cases.c.case_id == case_id)).first()
+    return row._asdict() if row else None
+
+
+def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
+    """Store the deliveries; the ids of those not stored before (a redelivered event adds none)."""
+    new_ids = []
+    for delivery in planned:
+        inserted = insert_ignoring_duplicates(
+            session,
+            deliveries,
+            dict(
+                event_id=event["event_id"],
+                event_type=event["event_type"],
+                case_id=event.get("case_id"),
+                recipient=delivery.recipient,
+                channel=delivery.channel,
+                address=delivery.address,
+                subject=delivery.subject[:300],
+                body=delivery.body,
+                status="pending",
+                attempts=0,
+                created_at=now,
+                updated_at=now,
+            ),
+        )
+        if inserted:
+            new_ids.append(
+                session.scalar(
+                    select(deliveries.c.id).where(
+                        deliveries.c.event_id == event["event_id"],
+                        deliveries.c.recipient == delivery.recipient,
+                        deliveries.c.channel == delivery.channel,
+                    )
+                )
+            )
+    return new_ids
+
+
+def claim(session, delivery_id: int, now):
+    """Take a delivery for sending; None when it is sent, being sent, or parked."""
+    claimed = session.execute(
+        update(deliveries)
+        .where(deliveries.c.id == delivery_id, deliveries.c.status.in_(("pending", "retrying")))
+        .values(status="sending", attempts=deliveries.c.attempts + 1, updated_at=now)
+        .returning(deliveries)
+    ).first()
+    return claimed
+
+
+def finish(session, delivery_id: int, status: str, now, error: str | None = None):
+    values = {"status": status, "updated_at": now, "last_error": error}
+    if status == "sent":
+        values["sent_at"] = now
+    session.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
+
+
+def view(row) -> dict:
+    return {
+        "id": row.id,
+        "event": row.event_type,
+        "case_id": row.case_id,
+        "recipient": row.recipient,
+        "channel": row.channel,
+        "address": masked_address(row.channel, row.address),
+        "subject": row.subject,
+        "status": row.status,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "created_at": iso(row.created_at),
+        "sent_at": iso(row.sent_at),
+    }
+
+
+def for_case(session, case_id: str) -> list[dict]:
+    rows = session.execute(select(deliveries).where(deliveries.c.case_id == case_id).order_by(deliveries.c.id)).all()
+    return [view(r) for r in rows]
+
+
+def failures(session) -> list[dict]:
+    rows = session.execute(select(deliveries).where(deliveries.c.status == "failed").order_by(deliveries.c.id)).all()
+    return [view(r) for r in rows]
+
+
+def reset_for_retry(session, ids: list[int] | None, now) -> list[int]:
+    """Parked deliveries back to pending (all of them when ``ids`` is None)."""
+    query = select(deliveries.c.id).where(deliveries.c.status == "failed")
+    if ids is not None:
+        query = query.where(deliveries.c.id.in_(ids))
+    chosen = list(session.scalars(query))
+    if chosen:
+        session.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(chosen))
+            .values(status="pending", attempts=0, last_error=None, updated_at=now)
+        )
+    return chosen
+
+
+def stale(session, now, pending_for: timedelta, sending_for: timedelta) -> list[int]:
+    """Deliveries whose work message may have been lost — pending and untouched for a while (the
+    broker was down when they were recorded), or stuck sending (a crash mid-send) — back to
+    pending, to be enqueued again by a timer. At least once: a crash mid-send may send twice."""
+    condition = ((deliveries.c.status == "pending") & (deliveries.c.updated_at < now - pending_for)) | (
+        (deliveries.c.status == "sending") & (deliveries.c.updated_at < now - sending_for)
+    )
+    ids = list(session.scalars(select(deliveries.c.id).where(condition).limit(500)))
+    if ids:
+        session.execute(update(deliveries).where(deliveries.c.id.in_(ids)).values(status="pending", updated_at=now))
+    return ids

@@ -1,0 +1,221 @@
+"""Notify against a real SMTP server (aiosmtpd, in its own process) and local HTTP receivers:
+each kind of event reaching its recipients, retries, the dead-letter path and its replay, no
+duplicate under redelivery, and status updates back to the source ticketing system."""
+
+import json
+import mailbox
+import shutil
+import subprocess
+import sys
+import time
+from email.header import decode_header, make_header
+
+import eventlet
+import eventlet.wsgi
+import pytest
+from kombu import Connection, Producer
+
+from services.common.topology import event_exchange
+from services.notify.channels import signature
+from tests.conftest import DEMO_DIRECTORY, free_port, wait_for
+
+pytestmark = pytest.mark.interface
+RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
+SECRET = "test-secret"
+
+
+class Receiver:
+    """A local HTTP endpoint that records what it is sent; ``fail`` makes it answer 503."""
+
+    def __init__(self):
+        self.requests, self.fail = [], 0
+        self.port = free_port()
+        server = eventlet.listen(("127.0.0.1", self.port))
+        self.thread = eventlet.spawn(eventlet.wsgi.server, server, self.app, log_output=False)
+
+    def app(self, environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if self.fail:
+            self.fail -= 1
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"down"]
+        self.requests.append(
+            {"path": environ["PATH_INFO"], "body": body, "signature": environ.get("HTTP_X_HUIYING_SIGNATURE")}
+        )
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"errcode": 0}']
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def at(self, path):
+        return [r for r in self.requests if r["path"] == path]
+
+    def close(self):
+        self.thread.kill()
+
+
+@pytest.fixture
+def smtp(tmp_path):
+    port, box = free_port(), tmp_path / "maildir"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            f"127.0.0.1:{port}",
+            "-c",
+            "aiosmtpd.handlers.Mailbox",
+            str(box),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: box.exists(), timeout=10)
+    yield port, lambda: list(mailbox.Maildir(str(box), create=False))
+    process.terminate()
+    process.wait(5)
+
+
+@pytest.fixture
+def env(run_services, service_config, rabbit_config, rpc, demo_directory, smtp, tmp_path, monkeypatch):
+    receiver = Receiver()
+    rules = tmp_path / "rules"
+    shutil.copytree(RULES_DIR, rules)
+    (rules / "notify" / "sources.yaml").write_text(
+        f"sources:\n  hotline-12345:\n    callback: {receiver.url('/callback')}\n", encoding="utf-8"
+    )
+    recipients = rules / "notify" / "recipients.yaml"
+    recipients.write_text(
+        recipients.read_text(encoding="utf-8").replace("max_attempts: 6", "max_attempts: 3"), encoding="utf-8"
+    )
+    smtp_port, _ = smtp
+    monkeypatch.setenv("HUIYING_RULES_DIR", str(rules))
+    monkeypatch.setenv("HUIYING_SMTP_HOST", "127.0.0.1")
+    monkeypatch.setenv("HUIYING_SMTP_PORT", str(smtp_port))
+    monkeypatch.setenv("HUIYING_SMS_GATEWAY_URL", receiver.url("/sms"))
+    monkeypatch.setenv("HUIYING_WEBHOOK_SECRET", SECRET)
+    directory = json.loads(json.dumps(demo_directory))
+    cgj = next(d for d in directory["departments"] if d["code"] == "cgj")
+    cgj["contact"].update(
+        webhook=receiver.url("/cgj/webhook"), wecom=receiver.url("/cgj/wecom"), dingtalk=receiver.url("/cgj/dingtalk")
+    )
+    run_services("intake", "routing", "supervision", "notify")
+    rpc.intake.load_directory(directory)
+    yield receiver, rpc
+    receiver.close()
+
+
+def submit(rpc, external_id, **extra):
+    return rpc.intake.submit_case(
+        {
+            "source": "hotline-12345",
+            "external_id": external_id,
+            "title": "丹竹头社区路灯不亮",
+            "description": "一周没有路灯",
+            "street": "南湾",
+            "reporter_phone": "13912345678",
+            **extra,
+        }
+    )["id"]
+
+
+def test_a_referral_reaches_the_department_on_every_channel_and_the_source_hears_back(env, smtp):
+    receiver, rpc = env
+    case_id = submit(rpc, "N-1")
+    _, mails = smtp
+    wait_for(lambda: len(mails()) == 1 and receiver.at("/cgj/dingtalk") and receiver.at("/callback"), timeout=20)
+    [mail] = mails()
+    subject = str(make_header(decode_header(mail["Subject"])))
+    assert mail["To"] == "cgj@lg.example.gov.cn" and subject == f"【回应】新转办件 {case_id}：丹竹头社区路灯不亮"
+    assert "龙岗区城市管理和综合执法局" in mail.get_payload(decode=True).decode()
+
+    [hook] = receiver.at("/cgj/webhook")
+    assert hook["signature"] == signature(SECRET, hook["body"])  # HMAC-SHA256 over the exact body
+    assert json.loads(hook["body"])["recipient"] == "department:cgj"
+    assert json.loads(receiver.at("/cgj/wecom")[0]["body"])["msgtype"] == "markdown"
+    assert json.loads(receiver.at("/cgj/dingtalk")[0]["body"])["markdown"]["title"].startswith("【回应】新转办件")
+
+    [update] = receiver.at("/callback")
+    document = json.loads(update["body"])
+    assert {"update_id", "service_request_id", "status", "description", "updated_datetime"} <= set(document)
+    assert (document["service_request_id"], document["status"], document["external_id"]) == (case_id, "open", "N-1")
+    assert update["signature"] == signature(SECRET, update["body"])
+
+    log = rpc.notify.deliveries_for(case_id)
+    assert {(d["recipient"], d["channel"], d["status"]) for d in log} == {
+        ("department:cgj", c, "sent") for c in ("email", "webhook", "wecom", "dingtalk")
+    } | {("source:hotline-12345", "callback", "sent")}
+
+
+def test_the_citizen_hears_of_the_reply_and_the_closure_by_sms_and_the_source_of_each_step(env):
+    receiver, rpc = env
+    case_id = submit(rpc, "N-2")
+    wait_for(lambda: rpc.routing.list_referrals("referred", None, case_id))
+    [referral] = rpc.routing.list_referrals("referred", None, case_id)
+    rpc.routing.referral_step(referral["id"], "reply", {"result": "已修复路灯"})
+    wait_for(lambda: receiver.at("/sms"), timeout=20)
+    [sms] = receiver.at("/sms")
+    assert json.loads(sms["body"])["phone"] == "13912345678"  # the gateway needs the real number
+    assert "已修复路灯" in json.loads(sms["body"])["text"]
+    rpc.routing.record_feedback(case_id, "满意")
+    wait_for(lambda: len(receiver.at("/sms")) == 2 and len(receiver.at("/callback")) == 3, timeout=20)
+    statuses = [json.loads(r["body"])["status"] for r in receiver.at("/callback")]
+    assert statuses == ["open", "open", "closed"]
+    log = rpc.notify.deliveries_for(case_id)
+    assert all(d["address"] == "139****5678" for d in log if d["channel"] == "sms")
+
+
+def test_a_failed_send_is_retried_by_the_broker(env):
+    receiver, rpc = env
+    receiver.fail = 2  # the first two requests (whichever channels) get 503
+    case_id = submit(rpc, "N-3")
+    wait_for(
+        lambda: (
+            all(d["status"] == "sent" for d in rpc.notify.deliveries_for(case_id))
+            and len(rpc.notify.deliveries_for(case_id)) == 5
+        ),
+        timeout=30,
+    )
+    assert max(d["attempts"] for d in rpc.notify.deliveries_for(case_id)) == 2
+
+
+def test_a_send_that_keeps_failing_is_parked_and_replayed(env, rabbit_config):
+    receiver, rpc = env
+    receiver.fail = 10_000
+    case_id = submit(rpc, "N-4")
+    wait_for(lambda: len([d for d in rpc.notify.failures() if d["case_id"] == case_id]) == 4, timeout=40)
+    failed = [d for d in rpc.notify.failures() if d["case_id"] == case_id]
+    assert all(d["attempts"] == 3 and "HTTP 503" in d["last_error"] for d in failed)
+    with Connection(rabbit_config["AMQP_URI"]) as connection:
+        _, parked, _ = connection.default_channel.queue_declare("huiying.notify.deliveries.dead", passive=True)
+    assert parked >= 4
+    receiver.fail = 0
+    assert len(rpc.notify.retry(None)["retried"]) >= 4
+    wait_for(lambda: all(d["status"] == "sent" for d in rpc.notify.deliveries_for(case_id)), timeout=20)
+    assert rpc.notify.failures() == []
+
+
+def test_no_duplicate_when_an_event_is_delivered_twice(env, smtp, rabbit_config, db):
+    from sqlalchemy import select
+
+    from services.routing.models import outbox as routing_outbox
+
+    receiver, rpc = env
+    case_id = submit(rpc, "N-5")
+    _, mails = smtp
+    wait_for(lambda: len(mails()) == 1 and len(receiver.at("/callback")) == 1, timeout=20)
+    with db.connect() as connection:
+        payloads = connection.scalars(
+            select(routing_outbox.c.payload).where(routing_outbox.c.event_type == "case_referred")
+        ).all()
+    [event] = [p for p in payloads if p["case_id"] == case_id]
+    with Connection(rabbit_config["AMQP_URI"]) as connection:  # the same event, with its id, once more
+        Producer(connection.channel()).publish(
+            event, exchange=event_exchange("routing"), routing_key="case_referred", serializer="json"
+        )
+    time.sleep(2)
+    assert len(mails()) == 1 and len(receiver.at("/callback")) == 1
+    assert len(rpc.notify.deliveries_for(case_id)) == 5
