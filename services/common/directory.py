@@ -62,6 +62,7 @@ class Workstation(_Entry):
     code: str = Field(pattern=CODE)
     name: str
     street: str | None = None  # None: the district office's station
+    contact: Contact | None = None
 
 
 class Category(_Entry):

@@ -1,13 +1,13 @@
 """Recording the deliveries an event owes (once), claiming and finishing them, and the failure list."""
 
-from datetime import timedelta
+from datetime import datetime, time, timedelta
 
 from sqlalchemy import select, update
 
-from services.common.timeutil import iso
+from services.common.timeutil import CST, iso
 from services.common.upsert import insert_ignoring_duplicates
 from services.notify.models import deliveries, notify_cases
-from services.notify.planning import Delivery, masked_address
+from services.notify.planning import Delivery, masked_address, recipient_name
 
 
 def record_case(session, event: dict) -> bool:
@@ -46,13 +46,13 @@ def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
                 address=delivery.address,
                 subject=delivery.subject[:300],
                 body=delivery.body,
-                status="pending",
+                status="held" if delivery.digest else "pending",  # held: waits for the daily digest
                 attempts=0,
                 created_at=now,
                 updated_at=now,
             ),
         )
-        if inserted:
+        if inserted and not delivery.digest:
             new_ids.append(
                 session.scalar(
                     select(deliveries.c.id).where(
@@ -136,3 +136,33 @@ def stale(session, now, pending_for: timedelta, sending_for: timedelta) -> list[
     if ids:
         session.execute(update(deliveries).where(deliveries.c.id.in_(ids)).values(status="pending", updated_at=now))
     return ids
+
+
+def make_digests(session, settings, now, directory) -> list[int]:
+    """Collect the held deliveries from before today's digest hour into one message per
+    recipient and channel; returns the new deliveries' ids (none before the digest hour, and at
+    most one digest per recipient, channel and day however often this runs)."""
+    local = now.astimezone(CST)
+    if local.hour < settings.digest_hour:
+        return []
+    cutoff = datetime.combine(local.date(), time(settings.digest_hour), tzinfo=CST)
+    held = session.execute(
+        select(deliveries)
+        .where(deliveries.c.status == "held", deliveries.c.created_at < cutoff)
+        .order_by(deliveries.c.id)
+    ).all()
+    groups: dict = {}
+    for row in held:
+        groups.setdefault((row.recipient, row.channel, row.address), []).append(row)
+    new_ids = []
+    for (recipient, channel, address), rows in groups.items():
+        name = recipient_name(directory, recipient)
+        subject, body = settings.render("digest", {"recipient_name": name, "items": [r.subject for r in rows]})
+        event = {"event_id": f"digest-{local.date()}", "event_type": "digest", "case_id": None}
+        new_ids += record(session, event, [Delivery(recipient, channel, address, subject, body)], now)
+        session.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_([r.id for r in rows]))
+            .values(status="digested", updated_at=now)
+        )
+    return new_ids

@@ -17,6 +17,7 @@ notify_cases = Table(
     Column("title", String(200), nullable=False),
     Column("street", String(64)),
     Column("category", String(64)),
+    Column("workstation", String(64)),  # the member workstation that raised it, if any
 )
 
 # One row per (event, recipient, channel): a redelivered event finds its rows and sends nothing.

@@ -29,6 +29,7 @@ class Delivery:
     address: str
     subject: str
     body: str
+    digest: bool = False  # held for the daily digest
 
 
 def _departments_of(event: dict) -> list[str]:
@@ -74,15 +75,15 @@ def plan(settings: NotifySettings, event: dict, case: dict, directory, citizen_p
             continue
         for recipient in route.to:
             for key, name, channels, extra in _recipients(
-                recipient, event, involved, departments, members, directory, citizen_phone
+                recipient, event, case, involved, departments, members, directory, citizen_phone
             ):
                 subject, body = settings.render(route.template, {**context, "recipient_name": name, **extra})
-                out += [Delivery(key, channel, address, subject, body) for channel, address in channels]
+                out += [Delivery(key, channel, address, subject, body, route.digest) for channel, address in channels]
     unique = {(d.recipient, d.channel): d for d in out}
     return list(unique.values())
 
 
-def _recipients(kind, event, involved, departments, members, directory, citizen_phone):
+def _recipients(kind, event, case, involved, departments, members, directory, citizen_phone):
     if kind == "department":
         for code in involved:
             department = departments.get(code)
@@ -101,6 +102,15 @@ def _recipients(kind, event, involved, departments, members, directory, citizen_
         yield f"inspection_office:{office.code}", office.name, _contact_channels(office.contact), {}
     elif kind == "citizen" and citizen_phone:
         yield "citizen", "您好", [("sms", citizen_phone)], {}
+    elif kind == "raiser" and directory:
+        # The member who raised it (source "member-<id>") or the workstation it came through.
+        member = members.get(case["source"].removeprefix("member-")) if case["source"].startswith("member-") else None
+        if member:
+            channels = [(c, a) for c, a in (("email", member.email), ("sms", member.phone)) if a]
+            yield f"member:{member.id}", member.name, channels, {}
+        station = next((w for w in directory.workstations if w.code == case.get("workstation")), None)
+        if station:
+            yield f"workstation:{station.code}", station.name, _contact_channels(station.contact), {}
 
 
 def _referral_extra(event, department) -> dict:
@@ -144,3 +154,21 @@ def masked_address(channel: str, address: str) -> str:
     if channel in ("webhook", "wecom", "dingtalk", "callback"):
         return address.split("?", 1)[0]  # robot tokens and signatures stay private
     return address
+
+
+def recipient_name(directory, key: str) -> str:
+    """The name to greet a recipient by, from its key (``department:cgj`` …)."""
+    kind, _, code = key.partition(":")
+    if directory is not None:
+        entries = {
+            "department": directory.departments,
+            "member": directory.members,
+            "supervisor": directory.members,
+            "workstation": directory.workstations,
+        }.get(kind, [])
+        for entry in entries:
+            if getattr(entry, "code", None) == code or getattr(entry, "id", None) == code:
+                return entry.name
+        if kind == "inspection_office" and directory.inspection_office:
+            return directory.inspection_office.name
+    return code or "您好"

@@ -137,6 +137,25 @@ class NotifyService(ServiceBase):
         for delivery_id in ids:
             self.enqueue({"delivery_id": delivery_id}, routing_key=ROUTING_KEY)
 
+    @timer(interval=60)
+    def send_due_digests(self):
+        self._digests(now())
+
+    def _digests(self, moment) -> list:
+        directory = self._directory()  # before the transaction: no RPC inside one
+        with self.db.begin() as session:
+            ids = deliveries.make_digests(session, self.rules.get(), moment, directory)
+        for delivery_id in ids:
+            self.enqueue({"delivery_id": delivery_id}, routing_key=ROUTING_KEY)
+        return ids
+
+    @rpc
+    def send_digests(self, now_iso=None) -> dict:
+        """Collect held reminders into digests as of ``now_iso`` (the timer does this each minute)."""
+        from datetime import datetime
+
+        return {"digests": self._digests(datetime.fromisoformat(now_iso) if now_iso else now())}
+
     @timer(interval=5)
     def watch_rule_files(self):
         self.rules.refresh()

@@ -10,7 +10,7 @@ import jinja2
 from services.common.rules import yamlfile
 from services.common.rules.ruleset import Problem, RulesetInvalid
 
-RECIPIENTS = ("department", "supervisors", "inspection_office", "citizen")
+RECIPIENTS = ("department", "supervisors", "inspection_office", "citizen", "raiser")
 EVENTS = (
     "case_referred",
     "department_reminded",
@@ -30,12 +30,14 @@ class Route:
     to: list
     template: str
     kinds: list | None = None
+    digest: bool = False  # collected into one daily message per recipient instead
 
 
 @dataclass
 class NotifySettings:
     routes: list
     max_attempts: int
+    digest_hour: int
     callbacks: dict  # source -> callback URL
     templates: jinja2.Environment
     version: str
@@ -61,7 +63,7 @@ def load(directory: Path) -> NotifySettings:
         autoescape=False,
         keep_trailing_newline=False,
     )
-    routes, max_attempts, callbacks = [], 6, {}
+    routes, max_attempts, digest_hour, callbacks = [], 6, 9, {}
     try:
         document = yamlfile.load(folder / "recipients.yaml") or {}
         for index, entry in enumerate(document.get("routes") or []):
@@ -84,8 +86,14 @@ def load(directory: Path) -> NotifySettings:
             except jinja2.TemplateSyntaxError as exc:
                 problems.append(Problem(str(folder / "templates" / f"{template}.j2"), exc.lineno, exc.message))
                 continue
-            routes.append(Route(entry["event"], list(to), template, entry.get("kinds")))
+            if entry.get("digest") not in (None, "daily"):
+                problems.append(Problem(where, line, "digest: daily is the only digest there is"))
+                continue
+            routes.append(Route(entry["event"], list(to), template, entry.get("kinds"), entry.get("digest") == "daily"))
         max_attempts = (document.get("settings") or {}).get("max_attempts", 6)
+        digest_hour = (document.get("settings") or {}).get("digest_hour", 9)
+        if not isinstance(digest_hour, int) or isinstance(digest_hour, bool) or not 0 <= digest_hour <= 23:
+            problems.append(Problem(str(folder / "recipients.yaml"), 1, "digest_hour must be an hour 0..23"))
         if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or not 1 <= max_attempts <= 20:
             problems.append(Problem(str(folder / "recipients.yaml"), 1, "max_attempts must be a whole number 1..20"))
         sources = yamlfile.load(folder / "sources.yaml") or {}
@@ -104,4 +112,4 @@ def load(directory: Path) -> NotifySettings:
         problems.append(Problem(exc.path, exc.line, exc.message))
     if problems:
         raise RulesetInvalid(problems)
-    return NotifySettings(routes, max_attempts, callbacks, templates, content_version(folder)[0])
+    return NotifySettings(routes, max_attempts, digest_hour, callbacks, templates, content_version(folder)[0])

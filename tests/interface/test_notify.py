@@ -179,7 +179,11 @@ def test_a_failed_send_is_retried_by_the_broker(env):
         ),
         timeout=30,
     )
-    assert max(d["attempts"] for d in rpc.notify.deliveries_for(case_id)) == 2
+    log = rpc.notify.deliveries_for(case_id)
+    assert max(d["attempts"] for d in log) == 2, (
+        receiver.fail,
+        [(d["channel"], d["attempts"], d["last_error"]) for d in log],
+    )
 
 
 def test_a_send_that_keeps_failing_is_parked_and_replayed(env, rabbit_config):
@@ -219,3 +223,41 @@ def test_no_duplicate_when_an_event_is_delivered_twice(env, smtp, rabbit_config,
     time.sleep(2)
     assert len(mails()) == 1 and len(receiver.at("/callback")) == 1
     assert len(rpc.notify.deliveries_for(case_id)) == 5
+
+
+def test_escalation_reaches_department_supervisors_and_inspection_office_and_reminders_come_as_a_digest(env, smtp):
+    receiver, rpc = env
+    case_id = submit(rpc, "N-6")
+    _, mails = smtp
+    wait_for(lambda: len(mails()) == 1, timeout=20)
+    [referral] = rpc.routing.list_referrals("referred", None, case_id)
+    due = referral["due_at"][:10]
+
+    from datetime import date
+
+    from services.common.workdays import WorkingCalendar
+
+    calendar = WorkingCalendar.from_file(RULES_DIR / "calendar" / "holidays.yaml")
+    day_before = next(
+        d
+        for d in (date.fromordinal(date.fromisoformat(due).toordinal() - n) for n in range(1, 10))
+        if calendar.working_days_between(d, date.fromisoformat(due)) == 1
+    )
+    swept = rpc.supervision.sweep(f"{day_before}T08:00:00+08:00")  # the reminder is held for the digest
+    assert any(d["action"] == "remind_department" for d in swept["decisions"]), swept
+    wait_for(lambda: any(d["status"] == "held" for d in rpc.notify.deliveries_for(case_id)), timeout=15)
+    assert rpc.notify.send_digests(f"{day_before}T08:30:00+08:00") == {"digests": []}  # before 09:00
+    digests = rpc.notify.send_digests(f"{day_before}T09:05:00+08:00")["digests"]
+    assert digests and rpc.notify.send_digests(f"{day_before}T10:00:00+08:00") == {"digests": []}  # once a day
+    wait_for(lambda: any("催办汇总" in str(make_header(decode_header(m["Subject"]))) for m in mails()), timeout=20)
+
+    rpc.supervision.sweep("2027-03-01T09:00:00+08:00")  # long overdue: agenda, joint supervision, supervisors
+    recipients = lambda: {(d["recipient"], d["channel"]) for d in rpc.notify.deliveries_for(case_id)}  # noqa: E731
+    wait_for(lambda: ("inspection_office:ducha", "email") in recipients(), timeout=20)
+    supervisors = {r for r, c in recipients() if r.startswith("supervisor:")}
+    assert len(supervisors) == 3  # the three special supervisors posted to 城管局
+    assert {c for r, c in recipients() if r.startswith("supervisor:")} == {"sms"}  # the demo members have phones
+    sms_numbers = [json.loads(r["body"])["phone"] for r in receiver.at("/sms")]
+    assert len(sms_numbers) >= 3
+    log = rpc.notify.deliveries_for(case_id)
+    assert all("****" in d["address"] for d in log if d["channel"] == "sms")

@@ -25,6 +25,7 @@ def upgrade() -> None:
         sa.Column("title", sa.String(length=200), nullable=False),
         sa.Column("street", sa.String(length=64), nullable=True),
         sa.Column("category", sa.String(length=64), nullable=True),
+        sa.Column("workstation", sa.String(length=64), nullable=True),
         sa.PrimaryKeyConstraint("case_id"),
     )
     op.create_table(
