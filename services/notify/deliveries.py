@@ -21,6 +21,7 @@ def record_case(session, event: dict) -> bool:
             title=event["title"],
             street=event.get("street"),
             category=event.get("category"),
+            workstation=event.get("workstation"),
         ),
     )
 

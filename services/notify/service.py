@@ -107,7 +107,7 @@ class NotifyService(ServiceBase):
 
     # --- the work queue: send one delivery ---------------------------------------------------
 
-    @consume_deliveries()
+    @consume_deliveries(expected_exceptions=(RetryLater,))  # a retry is not an error worth a traceback
     def deliver(self, body):
         delivery_id = body["delivery_id"]
         with self.db.begin() as session:

@@ -76,15 +76,11 @@ def test_up_load_submit_show_status_down(stack_env):
     assert imported == {"imported": 58, "duplicates": 0, "rejected": []}
     agenda = wait_for(lambda: json.loads(huiying(stack_env, "agenda", "list", "--json").stdout), timeout=30, interval=1)
     assert all(item["rule_id"].startswith("similar-cases") for item in agenda)
-    last = wait_for(
-        lambda: (
-            (r := huiying(stack_env, "case", "show", submitted["id"][:8] + "000059", "--json")).returncode == 0
-            and json.loads(r.stdout)
-        ),
-        timeout=30,
-        interval=1,
-    )
-    assert len(last["referrals"]) == 2
+    def last_case_referred():
+        result = huiying(stack_env, "case", "show", submitted["id"][:8] + "000059", "--json")
+        return result.returncode == 0 and len(json.loads(result.stdout)["referrals"]) == 2
+
+    wait_for(last_case_referred, timeout=30, interval=1)
 
     status = json.loads(huiying(stack_env, "status", "--json").stdout)
     assert all(s["healthy"] for s in status["services"].values())

@@ -261,3 +261,46 @@ def test_escalation_reaches_department_supervisors_and_inspection_office_and_rem
     assert len(sms_numbers) >= 3
     log = rpc.notify.deliveries_for(case_id)
     assert all("****" in d["address"] for d in log if d["channel"] == "sms")
+
+
+def test_the_member_who_raised_it_hears_of_the_reply_and_the_cli_shows_failures_and_the_log(
+    env, smtp, rabbit_config, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from huiying.cli import main
+
+    receiver, rpc = env
+    monkeypatch.setenv("AMQP_URI", rabbit_config["AMQP_URI"])
+    cli = CliRunner()
+    case_id = rpc.intake.submit_case(
+        {
+            "source": "member-m001",
+            "external_id": "M-1",
+            "title": "路灯不亮",
+            "description": "一周没有路灯",
+            "street": "南湾",
+            "workstation": "ws-nanwan",
+        }
+    )["id"]
+    wait_for(lambda: rpc.routing.list_referrals("referred", None, case_id))
+    [referral] = rpc.routing.list_referrals("referred", None, case_id)
+    receiver.fail = 10_000  # the member's SMS will fail; e-mail still works
+    rpc.routing.referral_step(referral["id"], "reply", {"result": "已修复"})
+    _, mails = smtp
+    wait_for(lambda: any(m["To"] == "ws-nanwan@lgzx.example.org.cn" for m in mails()), timeout=20)
+    wait_for(lambda: any(d["recipient"] == "member:m001" for d in rpc.notify.failures()), timeout=30)
+
+    failures = json.loads(cli.invoke(main, ["notify", "failures", "--json"]).stdout)
+    [sms] = [d for d in failures if d["recipient"] == "member:m001"]
+    assert sms["channel"] == "sms" and sms["address"].startswith("138****")
+    receiver.fail = 0
+    retried = json.loads(cli.invoke(main, ["notify", "retry", "--all", "--json"]).stdout)
+    assert sms["id"] in retried["retried"]
+    wait_for(lambda: rpc.notify.failures() == [], timeout=20)
+    shown = json.loads(cli.invoke(main, ["case", "show", case_id, "--json"]).stdout)
+    assert {(d["recipient"], d["status"]) for d in shown["deliveries"]} >= {
+        ("member:m001", "sent"),
+        ("workstation:ws-nanwan", "sent"),
+        ("department:cgj", "sent"),
+    }
