@@ -76,6 +76,7 @@ def test_up_load_submit_show_status_down(stack_env):
     assert imported == {"imported": 58, "duplicates": 0, "rejected": []}
     agenda = wait_for(lambda: json.loads(huiying(stack_env, "agenda", "list", "--json").stdout), timeout=30, interval=1)
     assert all(item["rule_id"].startswith("similar-cases") for item in agenda)
+
     def last_case_referred():
         result = huiying(stack_env, "case", "show", submitted["id"][:8] + "000059", "--json")
         return result.returncode == 0 and len(json.loads(result.stdout)["referrals"]) == 2
