@@ -186,9 +186,12 @@ def test_two_replicas_sweeping_at_once_escalate_once(env, runner_factory, servic
 
     results = [thread.wait() for thread in [eventlet.spawn(sweep, c) for c in replicas]]
     taken = [(d["rule_id"], d["action"], tuple(d["case_ids"])) for r in results for d in r["decisions"]]
-    assert len(taken) == len(set(taken)) == 15  # 5 overdue cases × 3 actions, each taken by one replica only
+    assert len(taken) == len(set(taken))  # each decision taken by one replica only
+    overdue = [t for t in taken if t[0] == "overdue-5-working-days"]
+    assert len(overdue) == 15  # 5 overdue cases × 3 actions
+    # The cluster's item is made by whichever evaluation sees the fifth case first: an event's or a sweep's.
+    assert len(taken) - len(overdue) <= 1
     items = json.loads(cli("agenda", "list", "--json").stdout)
-    # The cluster's item was made when the fifth similar case arrived (evaluation on each event).
     cluster_items = [i for i in items if i["rule_id"] == "similar-cases-5"]
     assert len(cluster_items) == 1 and len(cluster_items[0]["case_ids"]) == 5
 
