@@ -74,7 +74,11 @@ def load(path: Path):
     except UnicodeDecodeError:
         raise YamlFileError(path, 1, "not UTF-8 text") from None
     try:
-        return yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+        loader = _LineLoader(text)  # a SafeLoader: no tag can build a Python object
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
