@@ -27,6 +27,16 @@ class ContainerState(DependencyProvider):
         return self.state
 
 
+class DeclaredTopology(DependencyProvider):
+    """Declares every exchange and queue of the system when the service starts (as `huiying up`
+    does), so that what this service publishes always has its queues, whichever started first."""
+
+    def setup(self):
+        from services.common.topology import declare_all
+
+        declare_all(self.container.config["AMQP_URI"])
+
+
 class ServiceBase:
     name: str
     relay: OutboxRelay
@@ -35,6 +45,7 @@ class ServiceBase:
     db = Database()
     dispatch = EventDispatcher()
     state = ContainerState()
+    topology = DeclaredTopology()
 
     def publish_events(self):
         """Publish this service's pending outbox events now (called after each commit)."""
