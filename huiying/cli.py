@@ -115,8 +115,10 @@ def down():
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def status(as_json):
     """Each service's health, queue depths and dead-letter counts."""
+    from services.common.events import DEAD_QUEUE as EVENTS_DEAD_QUEUE
     from services.common.topology import all_service_classes, event_handler_queues
     from services.intake.ticket_queue import DEAD_QUEUE, RETRY_QUEUE, TICKET_QUEUE
+    from services.notify.queue import DEAD_QUEUE as NOTIFY_DEAD_QUEUE
 
     services = {}
     for service in settings.SERVICES:
@@ -126,7 +128,8 @@ def status(as_json):
         names = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)]
         names += [TICKET_QUEUE.name, RETRY_QUEUE.name]
         queues = stack.queue_depths(settings.amqp_uri(), names)
-        dead = {name: v["messages"] for name, v in stack.queue_depths(settings.amqp_uri(), [DEAD_QUEUE.name]).items()}
+        dead_queues = [DEAD_QUEUE.name, EVENTS_DEAD_QUEUE.name, NOTIFY_DEAD_QUEUE.name]
+        dead = {name: v["messages"] for name, v in stack.queue_depths(settings.amqp_uri(), dead_queues).items()}
         broker = "ok"
     except stack.StackError as exc:
         queues, dead, broker = {}, {}, str(exc)

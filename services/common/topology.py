@@ -48,6 +48,7 @@ def all_service_classes():
 
 def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
     """Declare every exchange and queue the system uses; returns the queue names."""
+    from services.common.events import DEAD_QUEUE, retry_queue_for
     from services.intake.ticket_queue import ticket_queues
     from services.notify.queue import delivery_queues
 
@@ -60,7 +61,9 @@ def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
         for cls in service_classes:
             for queue in event_handler_queues(cls):
                 queue(channel).declare()
+                retry_queue_for(queue.name)(channel).declare()
                 declared.append(queue.name)
+        DEAD_QUEUE(channel).declare()
         for queue in [*ticket_queues(), *delivery_queues()]:
             queue(channel).declare()
             declared.append(queue.name)

@@ -4,13 +4,13 @@ credentials.py; events leave through the outbox after each commit."""
 import json
 import logging
 
-from nameko.events import event_handler
 from nameko.rpc import rpc
 from sqlalchemy import select
 
 from services.common.auth import request_key
 from services.common.base import ServiceBase
 from services.common.directory import DirectoryError, parse_directory
+from services.common.events import reliable_event_handler
 from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_body, json_response
 from services.common.outbox import OutboxRelay
 from services.intake import cases, credentials, open311
@@ -120,11 +120,11 @@ class IntakeService(ServiceBase):
 
     # --- status from routing (what the JSON API and Open311 report back) ---------------------
 
-    @event_handler("routing", "case_referred", requeue_on_error=True)
-    @event_handler("routing", "case_needs_triage", requeue_on_error=True)
-    @event_handler("routing", "referral_replied", requeue_on_error=True)
-    @event_handler("routing", "case_reopened", requeue_on_error=True)
-    @event_handler("routing", "case_closed", requeue_on_error=True)
+    @reliable_event_handler("routing", "case_referred")
+    @reliable_event_handler("routing", "case_needs_triage")
+    @reliable_event_handler("routing", "referral_replied")
+    @reliable_event_handler("routing", "case_reopened")
+    @reliable_event_handler("routing", "case_closed")
     def on_routing_status(self, event):
         with self.db.begin() as session:
             cases.apply_routing_status(session, event)

@@ -9,13 +9,13 @@ import json
 import logging
 from datetime import timedelta
 
-from nameko.events import event_handler
 from nameko.messaging import Publisher
 from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 
 from services.common.base import ServiceBase
 from services.common.directory import parse_directory
+from services.common.events import reliable_event_handler
 from services.common.outbox import OutboxRelay
 from services.common.retrying import backoff_seconds
 from services.common.rules.provider import Rules
@@ -84,24 +84,24 @@ class NotifyService(ServiceBase):
         for delivery_id in new_ids:
             self.enqueue({"delivery_id": delivery_id}, routing_key=ROUTING_KEY)
 
-    @event_handler("intake", "case_received", requeue_on_error=True)
+    @reliable_event_handler("intake", "case_received")
     def on_case_received(self, event):
         with self.db.begin() as session:
             deliveries.record_case(session, event)
 
-    @event_handler("intake", "directory_loaded")
+    @reliable_event_handler("intake", "directory_loaded")
     def on_directory_loaded(self, event):
         self.state.pop("directory", None)
 
     # One handler, one queue per event type (nameko names each queue after the type).
-    @event_handler("routing", "case_referred", requeue_on_error=True)
-    @event_handler("routing", "case_needs_triage", requeue_on_error=True)
-    @event_handler("routing", "referral_replied", requeue_on_error=True)
-    @event_handler("routing", "case_reopened", requeue_on_error=True)
-    @event_handler("routing", "case_closed", requeue_on_error=True)
-    @event_handler("supervision", "case_escalated", requeue_on_error=True)
-    @event_handler("supervision", "department_reminded", requeue_on_error=True)
-    @event_handler("supervision", "supervisors_alerted", requeue_on_error=True)
+    @reliable_event_handler("routing", "case_referred")
+    @reliable_event_handler("routing", "case_needs_triage")
+    @reliable_event_handler("routing", "referral_replied")
+    @reliable_event_handler("routing", "case_reopened")
+    @reliable_event_handler("routing", "case_closed")
+    @reliable_event_handler("supervision", "case_escalated")
+    @reliable_event_handler("supervision", "department_reminded")
+    @reliable_event_handler("supervision", "supervisors_alerted")
     def on_event(self, event):
         self._owe(event)
 

@@ -3,13 +3,13 @@ decide) and referrals.py (the lifecycle); events leave through the outbox after 
 
 import logging
 
-from nameko.events import event_handler
 from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 
 from services.common.auth import KeyCache, actor_for
 from services.common.base import ServiceBase
 from services.common.db import snapshot
+from services.common.events import reliable_event_handler
 from services.common.http import (
     Conflict,
     Forbidden,
@@ -64,8 +64,7 @@ class RoutingService(ServiceBase):
 
     # --- events -------------------------------------------------------------------------------
 
-    # requeue_on_error: a failure here (database down) must not ack the case away.
-    @event_handler("intake", "case_received", requeue_on_error=True)
+    @reliable_event_handler("intake", "case_received")
     def on_case_received(self, event):
         context = self._context()
         with self.db.begin() as session:
@@ -73,7 +72,7 @@ class RoutingService(ServiceBase):
                 referrals.route(session, context, event["case_id"])
         self.publish_events()
 
-    @event_handler("intake", "directory_loaded")
+    @reliable_event_handler("intake", "directory_loaded")
     def on_directory_loaded(self, event):
         self._refresh_directory()
 

@@ -12,7 +12,6 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from nameko.events import event_handler
 from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 from sqlalchemy import select
@@ -20,6 +19,7 @@ from sqlalchemy import select
 from services.common.auth import KeyCache, actor_for, require_staff
 from services.common.base import ServiceBase
 from services.common.db import snapshot
+from services.common.events import reliable_event_handler
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed, http, json_body, json_response
 from services.common.outbox import OutboxRelay
 from services.common.rules.provider import Rules, with_calendar
@@ -105,8 +105,7 @@ class SupervisionService(ServiceBase):
 
     # --- events: keep the projection, evaluate the case -------------------------------------
 
-    # requeue_on_error: a failure here (database down) must not ack the event away.
-    @event_handler("intake", "case_received", requeue_on_error=True)
+    @reliable_event_handler("intake", "case_received")
     def on_case_received(self, event):
         with self.db.begin() as session:
             fresh = projection.record_case_received(session, event)
@@ -114,17 +113,17 @@ class SupervisionService(ServiceBase):
             self._evaluate_and_apply(now(), [event["case_id"]])
 
     # One handler, one queue per routing event type (nameko names each queue after the type).
-    @event_handler("routing", "case_referred", requeue_on_error=True)
-    @event_handler("routing", "case_needs_triage", requeue_on_error=True)
-    @event_handler("routing", "referral_accepted", requeue_on_error=True)
-    @event_handler("routing", "referral_returned", requeue_on_error=True)
-    @event_handler("routing", "extension_requested", requeue_on_error=True)
-    @event_handler("routing", "extension_granted", requeue_on_error=True)
-    @event_handler("routing", "extension_refused", requeue_on_error=True)
-    @event_handler("routing", "referral_replied", requeue_on_error=True)
-    @event_handler("routing", "feedback_received", requeue_on_error=True)
-    @event_handler("routing", "case_reopened", requeue_on_error=True)
-    @event_handler("routing", "case_closed", requeue_on_error=True)
+    @reliable_event_handler("routing", "case_referred")
+    @reliable_event_handler("routing", "case_needs_triage")
+    @reliable_event_handler("routing", "referral_accepted")
+    @reliable_event_handler("routing", "referral_returned")
+    @reliable_event_handler("routing", "extension_requested")
+    @reliable_event_handler("routing", "extension_granted")
+    @reliable_event_handler("routing", "extension_refused")
+    @reliable_event_handler("routing", "referral_replied")
+    @reliable_event_handler("routing", "feedback_received")
+    @reliable_event_handler("routing", "case_reopened")
+    @reliable_event_handler("routing", "case_closed")
     def on_routing_event(self, event):
         with self.db.begin() as session:
             fresh = projection.record_routing_event(session, event)

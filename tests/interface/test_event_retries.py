@@ -1,0 +1,76 @@
+"""A failing event handler neither loses the event nor spins on it: the broker brings it back
+after a growing delay, and parks it after the last attempt."""
+
+import pytest
+from kombu import Connection
+from nameko.exceptions import RemoteError
+
+from services.common.events import DEAD_QUEUE
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.interface
+
+
+def referrals_seen_by_supervision(rpc, case_id):
+    try:
+        return rpc.supervision.get_case_record(case_id)["referrals"]
+    except RemoteError:
+        return []
+
+
+@pytest.fixture
+def submit(run_services, rpc, demo_directory):
+    run_services("intake", "routing", "supervision")
+    rpc.intake.load_directory(demo_directory)
+
+    def send(external_id):
+        return rpc.intake.submit_case(
+            {
+                "source": "hotline-12345",
+                "external_id": external_id,
+                "title": "路灯不亮",
+                "description": "一周没有路灯",
+                "street": "南湾",
+            }
+        )["id"]
+
+    return send
+
+
+def test_an_event_whose_handler_fails_once_is_handled_on_the_retry(submit, rpc, monkeypatch):
+    from services.supervision import projection
+
+    real, calls = projection.record_routing_event, []
+
+    def flaky(session, event):
+        calls.append(event["event_type"])
+        if calls.count("case_referred") == 1 and event["event_type"] == "case_referred":
+            raise RuntimeError("database hiccup")
+        return real(session, event)
+
+    monkeypatch.setattr(projection, "record_routing_event", flaky)
+    case_id = submit("E-1")
+    wait_for(lambda: referrals_seen_by_supervision(rpc, case_id), timeout=15)
+    assert calls.count("case_referred") == 2
+
+
+def test_an_event_that_keeps_failing_is_parked_with_its_reason(submit, rpc, monkeypatch, rabbit_config):
+    from services.common import events
+    from services.supervision import projection
+
+    monkeypatch.setattr(events, "MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(projection, "record_routing_event", lambda session, event: 1 / 0)
+    submit("E-2")
+    parked = []
+    with Connection(rabbit_config["AMQP_URI"]) as connection:
+        queue = DEAD_QUEUE(connection.channel())
+
+        def collect():
+            message = queue.get(no_ack=True)
+            if message is not None:
+                parked.append(message)
+            return parked
+
+        wait_for(collect, timeout=15)
+    assert parked[0].headers["x-huiying-queue"] == "evt-routing-case_referred--supervision.on_routing_event"
+    assert parked[0].headers["x-huiying-reason"] == "failed 2 times, last: ZeroDivisionError: division by zero"
