@@ -49,6 +49,8 @@ def test_up_load_submit_show_status_down(stack_env):
             "早高峰拥堵严重",
             "--street",
             "园山",
+            "--reporter-phone",
+            "13812345678",
             "--json",
         ).stdout
     )
@@ -89,6 +91,10 @@ def test_up_load_submit_show_status_down(stack_env):
     dead = status["dead_letters"]
     assert (dead["huiying.intake.tickets.dead"], dead["huiying.events.dead"]) == (0, 0)
     assert "huiying.notify.deliveries.dead" in dead  # no SMTP server here: e-mails get parked there
+
+    # Personal data: the reporter's phone appears in no log line of any service.
+    logs = Path(stack_env["HUIYING_VAR_DIR"], "log")
+    assert not [path.name for path in logs.glob("*.log") if "13812345678" in path.read_text(errors="replace")]
 
     down = huiying(stack_env, "down")
     assert down.returncode == 0
