@@ -10,15 +10,13 @@ to the handler's queue when its TTL ends), and after ``MAX_ATTEMPTS`` it is park
 import logging
 
 from kombu import Exchange, Queue
-from nameko.amqp.publish import Publisher
 from nameko.events import EventHandler
 
-from services.common.retrying import backoff_seconds, publish_for_retry
+from services.common.retrying import REASON_HEADER, publish_raw, retry_or_park
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8
-ATTEMPTS_HEADER = "x-huiying-attempts"
 RETRY_EXCHANGE = Exchange("huiying.events.retry", type="direct", durable=True)
 DEAD_EXCHANGE = Exchange("huiying.events.dead", type="direct", durable=True)
 DEAD_QUEUE = Queue("huiying.events.dead", exchange=DEAD_EXCHANGE, routing_key="dead", durable=True)
@@ -39,38 +37,28 @@ class ReliableEventHandler(EventHandler):
     def handle_message_processed(self, message, result=None, exc_info=None):
         if exc_info is None:
             return self.queue_consumer.ack_message(message)
-        amqp_uri = self.container.config["AMQP_URI"]
-        attempt = int((message.headers or {}).get(ATTEMPTS_HEADER, 1))
-        error = f"{exc_info[0].__name__}: {str(exc_info[1])[:300]}"
-        try:
-            if attempt >= MAX_ATTEMPTS:
-                body = message.body.encode() if isinstance(message.body, str) else message.body
-                Publisher(amqp_uri, exchange=DEAD_EXCHANGE, declare=[DEAD_EXCHANGE, DEAD_QUEUE]).publish(
-                    body,
-                    routing_key="dead",
-                    content_type=message.content_type or "application/json",
-                    content_encoding="binary",
-                    headers={
-                        **(message.headers or {}),
-                        "x-huiying-queue": self.queue.name,
-                        "x-huiying-reason": f"failed {attempt} times, last: {error}",
-                    },
-                )
-                log.error("event parked after %s attempts on %s: %s", attempt, self.queue.name, error)
-            else:
-                publish_for_retry(
-                    amqp_uri,
-                    RETRY_EXCHANGE,
-                    retry_queue_for(self.queue.name),
-                    self.queue.name,
-                    message,
-                    backoff_seconds(attempt),
-                    {ATTEMPTS_HEADER: attempt + 1},
-                )
-        except Exception:
-            log.exception("could not schedule an event retry; requeueing it")
-            return self.queue_consumer.requeue_message(message)
-        self.queue_consumer.ack_message(message)
+        queue = self.queue.name
+
+        def park(reason):
+            publish_raw(
+                self.container.config["AMQP_URI"],
+                DEAD_EXCHANGE,
+                DEAD_QUEUE,
+                "dead",
+                message.body,
+                message.content_type or "application/json",
+                {**(message.headers or {}), "x-huiying-queue": queue, REASON_HEADER: reason},
+            )
+            log.error("event parked from %s: %s", queue, reason)
+
+        retry_or_park(
+            self,
+            message,
+            exc_info,
+            max_attempts=MAX_ATTEMPTS,
+            retry=(RETRY_EXCHANGE, retry_queue_for(queue), queue),
+            park=park,
+        )
 
 
 reliable_event_handler = ReliableEventHandler.decorator

@@ -1,9 +1,17 @@
 """Delayed redelivery by RabbitMQ: a message to be tried again later waits in a retry queue for
 its own TTL, then RabbitMQ dead-letters it back onto its work queue. No worker sleeps, nothing is
-lost if the service stops meanwhile, and the delay grows with each attempt."""
+lost if the service stops meanwhile, and the delay grows with each attempt. After the last
+attempt the message is parked in a dead-letter queue with the reason."""
+
+import logging
 
 from kombu import Exchange, Queue
 from nameko.amqp.publish import Publisher
+
+log = logging.getLogger(__name__)
+
+ATTEMPTS_HEADER = "x-huiying-attempts"
+REASON_HEADER = "x-huiying-reason"
 
 
 def retry_queue(name: str, work_exchange: Exchange, routing_key: str) -> tuple[Exchange, Queue]:
@@ -23,16 +31,75 @@ def backoff_seconds(attempt: int, cap: int = 3600) -> int:
     return min(cap, 2 ** max(0, attempt - 1))
 
 
+def publish_raw(
+    amqp_uri: str,
+    exchange: Exchange,
+    queue: Queue,
+    routing_key: str,
+    body,
+    content_type: str | None,
+    headers: dict,
+    **properties,
+):
+    """Publish a message body as it came (bytes), declaring where it goes first."""
+    if isinstance(body, str):  # py-amqp hands over text when the sender set a content encoding
+        body = body.encode("utf-8", "surrogateescape")
+    Publisher(amqp_uri, exchange=exchange, declare=[exchange, queue]).publish(
+        body,
+        routing_key=routing_key,
+        content_type=content_type or "application/octet-stream",
+        content_encoding="binary",
+        headers=headers,
+        **properties,
+    )
+
+
 def publish_for_retry(
     amqp_uri: str, exchange: Exchange, queue: Queue, routing_key: str, message, delay: float, headers: dict
 ):
     """A copy of ``message`` (a kombu message) comes back to its work queue after ``delay`` s."""
-    body = message.body.encode("utf-8", "surrogateescape") if isinstance(message.body, str) else message.body
-    Publisher(amqp_uri, exchange=exchange, declare=[exchange, queue]).publish(
-        body,
-        routing_key=routing_key,
-        content_type=message.content_type or "application/json",
-        content_encoding="binary",
-        expiration=delay,  # seconds (kombu turns them into the milliseconds AMQP wants)
-        headers={**(message.headers or {}), **headers},
-    )
+    publish_raw(
+        amqp_uri,
+        exchange,
+        queue,
+        routing_key,
+        message.body,
+        message.content_type or "application/json",
+        {**(message.headers or {}), **headers},
+        expiration=delay,
+    )  # seconds (kombu turns them into the milliseconds AMQP wants)
+
+
+def retry_or_park(consumer, message, exc_info, *, max_attempts: int, retry: tuple, park) -> None:
+    """The end of a message whose handler raised: back to its queue later through
+    ``retry = (exchange, queue, routing_key)``, or, after ``max_attempts``, ``park(reason)``.
+    It is acked only once one of those is published; otherwise it is requeued, never lost."""
+    attempt = int((message.headers or {}).get(ATTEMPTS_HEADER, 1))
+    error = f"{exc_info[0].__name__}: {str(exc_info[1])[:300]}"
+    try:
+        if attempt >= max_attempts:
+            park(f"failed {attempt} times, last: {error}")
+        else:
+            exchange, queue, routing_key = retry
+            delay = backoff_seconds(attempt)
+            log.warning(
+                "%s failed (attempt %s of %s): %s; retrying in %ss",
+                queue.name,
+                attempt,
+                max_attempts,
+                exc_info[0].__name__,
+                delay,
+            )
+            publish_for_retry(
+                consumer.container.config["AMQP_URI"],
+                exchange,
+                queue,
+                routing_key,
+                message,
+                delay,
+                {ATTEMPTS_HEADER: attempt + 1},
+            )
+    except Exception:
+        log.exception("could not schedule a retry; requeueing the message")
+        return consumer.queue_consumer.requeue_message(message)
+    consumer.queue_consumer.ack_message(message)

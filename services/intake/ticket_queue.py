@@ -12,11 +12,10 @@ import json
 import logging
 
 from kombu import Exchange, Queue
-from nameko.amqp.publish import Publisher
 from nameko.extensions import DependencyProvider
 from nameko.messaging import Consumer, QueueConsumer
 
-from services.common.retrying import backoff_seconds, publish_for_retry, retry_queue
+from services.common.retrying import REASON_HEADER, publish_raw, retry_or_park, retry_queue
 from services.common.timeutil import iso, now
 
 log = logging.getLogger(__name__)
@@ -37,8 +36,6 @@ DEAD_QUEUE = Queue("huiying.intake.tickets.dead", exchange=DEAD_EXCHANGE, routin
 # TTL, then RabbitMQ dead-letters it back onto the ticket queue: delayed redelivery by the broker,
 # not a sleeping worker, and bounded — after MAX_ATTEMPTS it goes to the dead-letter queue.
 RETRY_EXCHANGE, RETRY_QUEUE = retry_queue("huiying.intake.tickets", TICKET_EXCHANGE, ROUTING_KEY)
-REASON_HEADER = "x-huiying-reason"
-ATTEMPTS_HEADER = "x-huiying-attempts"
 MAX_ATTEMPTS = 8  # delays 1, 2, 4 … 64 s: about two minutes of outage before a ticket is parked
 
 
@@ -46,16 +43,15 @@ def ticket_queues() -> list[Queue]:
     return [TICKET_QUEUE, RETRY_QUEUE, DEAD_QUEUE]
 
 
-def publish_dead_letter(amqp_uri: str, body: bytes, reason: str, content_type: str | None, headers: dict | None):
-    if isinstance(body, str):  # py-amqp hands over text when the sender set a content encoding
-        body = body.encode("utf-8", "surrogateescape")
-    publisher = Publisher(amqp_uri, exchange=DEAD_EXCHANGE, declare=[DEAD_EXCHANGE, DEAD_QUEUE])
-    publisher.publish(
+def publish_dead_letter(amqp_uri: str, body, reason: str, content_type: str | None, headers: dict | None):
+    publish_raw(
+        amqp_uri,
+        DEAD_EXCHANGE,
+        DEAD_QUEUE,
+        ROUTING_KEY,
         body,
-        routing_key=ROUTING_KEY,
-        content_type=content_type or "application/octet-stream",
-        content_encoding="binary",
-        headers={**(headers or {}), REASON_HEADER: reason[:1000], "x-huiying-dead-at": iso(now())},
+        content_type,
+        {**(headers or {}), REASON_HEADER: reason[:1000], "x-huiying-dead-at": iso(now())},
     )
     log.warning("ticket dead-lettered: %s", reason[:200])
 
@@ -112,34 +108,17 @@ class TicketConsumer(Consumer):
     def handle_message_processed(self, message, result=None, exc_info=None):
         if exc_info is None:
             return self.queue_consumer.ack_message(message)
-        attempt = int((message.headers or {}).get(ATTEMPTS_HEADER, 1))
-        error = f"{exc_info[0].__name__}: {str(exc_info[1])[:300]}"
         amqp_uri = self.container.config["AMQP_URI"]
-        try:
-            if attempt >= MAX_ATTEMPTS:
-                publish_dead_letter(
-                    amqp_uri,
-                    message.body,
-                    f"failed {attempt} times, last: {error}",
-                    message.content_type,
-                    message.headers,
-                )
-            else:
-                delay = backoff_seconds(attempt)
-                log.warning(
-                    "ticket failed (attempt %s of %s): %s; retrying in %ss",
-                    attempt,
-                    MAX_ATTEMPTS,
-                    exc_info[0].__name__,
-                    delay,
-                )
-                publish_for_retry(
-                    amqp_uri, RETRY_EXCHANGE, RETRY_QUEUE, ROUTING_KEY, message, delay, {ATTEMPTS_HEADER: attempt + 1}
-                )
-        except Exception:
-            log.exception("could not park a failed ticket for retry; requeueing it")
-            return self.queue_consumer.requeue_message(message)
-        self.queue_consumer.ack_message(message)
+        retry_or_park(
+            self,
+            message,
+            exc_info,
+            max_attempts=MAX_ATTEMPTS,
+            retry=(RETRY_EXCHANGE, RETRY_QUEUE, ROUTING_KEY),
+            park=lambda reason: publish_dead_letter(
+                amqp_uri, message.body, reason, message.content_type, message.headers
+            ),
+        )
 
 
 consume_tickets = TicketConsumer.decorator

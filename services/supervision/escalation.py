@@ -6,7 +6,7 @@ another replica at the same moment — finds the key taken and does nothing. An 
 likewise unique per kind, rule and subject; a growing cluster adds its new cases to its item.
 """
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from services.common.http import Conflict, NotFound, ValidationFailed
 from services.common.outbox import add_event
@@ -294,7 +294,3 @@ def escalations_for(session, case_id: str) -> list[dict]:
         }
         for r in rows
     ]
-
-
-def decision_count(session) -> int:
-    return session.scalar(select(func.count()).select_from(decisions))
