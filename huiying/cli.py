@@ -83,7 +83,7 @@ def migrate(services):
 def up(timeout):
     """Migrate, declare queues, start the four services in the background, wait until healthy."""
     from services.common.migrations import upgrade
-    from services.common.topology import declare_all
+    from services.common.topology import TopologyMismatch, declare_all
 
     try:
         stack.check_broker()
@@ -98,7 +98,7 @@ def up(timeout):
                 err=True,
             )
         stack.wait_healthy(settings.SERVICES, timeout=timeout)
-    except stack.StackError as exc:
+    except (stack.StackError, settings.ConfigurationError, TopologyMismatch) as exc:
         raise CliError(str(exc)) from None
     click.echo("all four services are healthy", err=True)
 

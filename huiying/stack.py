@@ -49,7 +49,17 @@ def running_pid(service: str) -> int | None:
         return None
     except PermissionError:
         return pid
+    if _is_zombie(pid):  # killed, not yet reaped (its parent, `huiying up`, is long gone)
+        return None
     return pid
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False  # no /proc (not Linux): trust the signal check
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def start(service: str) -> int:

@@ -17,11 +17,15 @@ from psycogreen.eventlet import patch_psycopg  # noqa: E402
 patch_psycopg()
 
 import json  # noqa: E402
+import mailbox  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import eventlet.wsgi  # noqa: E402
 import pytest  # noqa: E402
 from kombu import Connection, Queue  # noqa: E402
 from sqlalchemy import text  # noqa: E402
@@ -196,3 +200,64 @@ def wait_for(predicate, timeout: float = 10, interval: float = 0.05):
 @pytest.fixture
 def project_root() -> Path:
     return settings.PROJECT_ROOT
+
+
+class Receiver:
+    """A local HTTP endpoint (an SMS gateway, a webhook, a ticketing system's callback) that
+    records what it is sent; ``fail`` makes it answer 503."""
+
+    def __init__(self):
+        self.requests, self.fail = [], 0
+        self.port = free_port()
+        server = eventlet.listen(("127.0.0.1", self.port))
+        self.thread = eventlet.spawn(eventlet.wsgi.server, server, self.app, log_output=False)
+
+    def app(self, environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        if self.fail:
+            self.fail -= 1
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [b"down"]
+        self.requests.append(
+            {"path": environ["PATH_INFO"], "body": body, "signature": environ.get("HTTP_X_HUIYING_SIGNATURE")}
+        )
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b'{"errcode": 0}']
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def at(self, path):
+        return [r for r in self.requests if r["path"] == path]
+
+    def close(self):
+        self.thread.kill()
+
+
+class SmtpServer:
+    """A real SMTP server (aiosmtpd) in its own process, delivering into a maildir."""
+
+    def __init__(self, box: Path):
+        self.port, self.box = free_port(), box
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"127.0.0.1:{self.port}"]
+            + ["-c", "aiosmtpd.handlers.Mailbox", str(box)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: box.exists(), timeout=10)
+
+    def messages(self) -> list:
+        return list(mailbox.Maildir(str(self.box), create=False))
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(5)
+
+
+@pytest.fixture
+def smtp(tmp_path):
+    """``(port, messages)`` of a real SMTP server for this test."""
+    server = SmtpServer(tmp_path / "maildir")
+    yield server.port, server.messages
+    server.close()

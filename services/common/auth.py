@@ -44,3 +44,9 @@ def actor_for(request, cache: KeyCache, authenticate) -> dict:
 def require_staff(actor: dict, what: str):
     if actor["role"] != "staff":
         raise Forbidden(f"{what} is for committee staff")
+
+
+def require_role(actor: dict, roles: tuple, what: str):
+    """403 unless the key's role is one of ``roles`` (a source key on the department API, ...)."""
+    if actor["role"] not in roles:
+        raise Forbidden(f"{what} is for {' and '.join(roles)} keys, not {actor['role']} keys")

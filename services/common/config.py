@@ -11,6 +11,7 @@ SERVICES = ("intake", "routing", "supervision", "notify")
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 DEFAULT_AMQP_URI = "amqp://guest:guest@localhost:5672/"
+QUEUE_TYPES = ("classic", "quorum")
 DEFAULT_HTTP_ADDRESSES = {
     "intake": "127.0.0.1:8001",
     "routing": "127.0.0.1:8002",
@@ -26,6 +27,22 @@ def var_dir() -> Path:
 
 def amqp_uri() -> str:
     return os.environ.get("AMQP_URI", DEFAULT_AMQP_URI)
+
+
+class ConfigurationError(ValueError):
+    """A setting the services cannot run with; the message names the variable and what it allows."""
+
+
+def queue_type() -> str:
+    """``HUIYING_QUEUE_TYPE``: the type of every durable work queue, ``classic`` (default) or
+    ``quorum`` (replicated over a RabbitMQ cluster). Read at each call, not once at import: what a
+    queue is declared with is decided by ``topology.work_queue_arguments`` when it is declared."""
+    raw = os.environ.get("HUIYING_QUEUE_TYPE", "")
+    value = raw.strip().lower() or QUEUE_TYPES[0]
+    if value not in QUEUE_TYPES:
+        allowed = " or ".join(repr(t) for t in QUEUE_TYPES)
+        raise ConfigurationError(f"HUIYING_QUEUE_TYPE must be {allowed} (default 'classic'), not {raw!r}")
+    return value
 
 
 def database_url() -> str:
@@ -51,6 +68,7 @@ def case_id_prefix() -> str:
 
 def nameko_config(service: str) -> dict:
     """The nameko config dict for one service process."""
+    queue_type()  # a bad HUIYING_QUEUE_TYPE stops the process here, before it declares anything
     return {
         "AMQP_URI": amqp_uri(),
         "WEB_SERVER_ADDRESS": http_address(service),

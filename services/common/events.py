@@ -9,31 +9,49 @@ to the handler's queue when its TTL ends), and after ``MAX_ATTEMPTS`` it is park
 
 import logging
 
-from kombu import Exchange, Queue
-from nameko.events import EventHandler
+from kombu import Exchange
+from nameko.events import SERVICE_POOL, EventHandler
 
 from services.common.retrying import REASON_HEADER, publish_raw, retry_or_park
+from services.common.topology import WorkQueue, event_handler_queue
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8
 RETRY_EXCHANGE = Exchange("huiying.events.retry", type="direct", durable=True)
 DEAD_EXCHANGE = Exchange("huiying.events.dead", type="direct", durable=True)
-DEAD_QUEUE = Queue("huiying.events.dead", exchange=DEAD_EXCHANGE, routing_key="dead", durable=True)
+DEAD_QUEUE = WorkQueue("huiying.events.dead", exchange=DEAD_EXCHANGE, routing_key="dead")
 
 
-def retry_queue_for(queue_name: str) -> Queue:
+def retry_queue_for(queue_name: str) -> WorkQueue:
     """The queue a failed event of ``queue_name`` waits in; it expires back into ``queue_name``."""
-    return Queue(
+    return WorkQueue(
         f"{queue_name}.retry",
         exchange=RETRY_EXCHANGE,
         routing_key=queue_name,
-        durable=True,
         queue_arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue_name},
     )
 
 
 class ReliableEventHandler(EventHandler):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.handler_type is not SERVICE_POOL or not self.reliable_delivery:
+            # other handler types get exclusive or auto-delete queues, never declared up front
+            raise ValueError("reliable_event_handler supports only SERVICE_POOL handlers with reliable delivery")
+
+    def setup(self):
+        super().setup()  # nameko builds its own queue and registers this entrypoint with the consumer
+        # The consumer declares self.queue when it starts consuming, after setup: it must carry the
+        # arguments topology.declare_all gave it (a quorum queue, say), or RabbitMQ refuses the
+        # declaration with PRECONDITION_FAILED.
+        queue = event_handler_queue(
+            self.source_service, self.event_type, self.container.service_name, self.method_name, self.queue.exchange
+        )
+        if queue.name != self.queue.name:
+            raise RuntimeError(f"event queue {queue.name} is not nameko's {self.queue.name}")
+        self.queue = queue
+
     def handle_message_processed(self, message, result=None, exc_info=None):
         if exc_info is None:
             return self.queue_consumer.ack_message(message)

@@ -89,6 +89,16 @@ def json_response(status: int, body, headers: dict | None = None) -> Response:
     )
 
 
+def download_response(body: bytes, content_type: str, filename: str) -> Response:
+    """A file to save (an export): ``filename`` must be plain ASCII."""
+    return Response(
+        body,
+        status=200,
+        headers={"Content-Disposition": f'attachment; filename="{filename}"', "Cache-Control": "no-store"},
+        content_type=content_type,
+    )
+
+
 def json_error(request, exc: Exception) -> Response:
     if isinstance(exc, ApiError):
         body = {"error": {"code": exc.code, "message": exc.message}}

@@ -8,19 +8,20 @@ import logging
 from kombu import Exchange, Queue
 from nameko.amqp.publish import Publisher
 
+from services.common.topology import WorkQueue
+
 log = logging.getLogger(__name__)
 
 ATTEMPTS_HEADER = "x-huiying-attempts"
 REASON_HEADER = "x-huiying-reason"
 
 
-def retry_queue(name: str, work_exchange: Exchange, routing_key: str) -> tuple[Exchange, Queue]:
+def retry_queue(name: str, work_exchange: Exchange, routing_key: str) -> tuple[Exchange, WorkQueue]:
     exchange = Exchange(f"{name}.retry", type="direct", durable=True)
-    queue = Queue(
+    queue = WorkQueue(
         f"{name}.retry",
         exchange=exchange,
         routing_key=routing_key,
-        durable=True,
         queue_arguments={"x-dead-letter-exchange": work_exchange.name, "x-dead-letter-routing-key": routing_key},
     )
     return exchange, queue

@@ -17,21 +17,22 @@ from nameko.messaging import Consumer, QueueConsumer
 
 from services.common.retrying import REASON_HEADER, publish_raw, retry_or_park, retry_queue
 from services.common.timeutil import iso, now
+from services.common.topology import WorkQueue
 
 log = logging.getLogger(__name__)
 
 TICKET_EXCHANGE = Exchange("huiying.tickets", type="direct", durable=True)
 DEAD_EXCHANGE = Exchange("huiying.tickets.dead", type="direct", durable=True)
 ROUTING_KEY = "ticket"
-TICKET_QUEUE = Queue(
+# WorkQueues: classic or quorum (HUIYING_QUEUE_TYPE) is decided when they are declared, not here.
+TICKET_QUEUE = WorkQueue(
     "huiying.intake.tickets",
     exchange=TICKET_EXCHANGE,
     routing_key=ROUTING_KEY,
-    durable=True,
     # Anything RabbitMQ itself rejects (e.g. expired) also ends up in the dead-letter queue.
     queue_arguments={"x-dead-letter-exchange": DEAD_EXCHANGE.name, "x-dead-letter-routing-key": ROUTING_KEY},
 )
-DEAD_QUEUE = Queue("huiying.intake.tickets.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY, durable=True)
+DEAD_QUEUE = WorkQueue("huiying.intake.tickets.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY)
 # A valid ticket that fails for another reason (database down) waits here for its per-message
 # TTL, then RabbitMQ dead-letters it back onto the ticket queue: delayed redelivery by the broker,
 # not a sleeping worker, and bounded — after MAX_ATTEMPTS it goes to the dead-letter queue.

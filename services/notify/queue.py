@@ -8,15 +8,17 @@ from kombu import Exchange, Queue
 from nameko.messaging import Consumer
 
 from services.common.retrying import publish_for_retry, retry_queue
+from services.common.topology import WorkQueue
 
 log = logging.getLogger(__name__)
 
 EXCHANGE = Exchange("huiying.notify", type="direct", durable=True)
 ROUTING_KEY = "delivery"
-QUEUE = Queue("huiying.notify.deliveries", exchange=EXCHANGE, routing_key=ROUTING_KEY, durable=True)
+# WorkQueues: classic or quorum (HUIYING_QUEUE_TYPE) is decided when they are declared, not here.
+QUEUE = WorkQueue("huiying.notify.deliveries", exchange=EXCHANGE, routing_key=ROUTING_KEY)
 RETRY_EXCHANGE, RETRY_QUEUE = retry_queue("huiying.notify.deliveries", EXCHANGE, ROUTING_KEY)
 DEAD_EXCHANGE = Exchange("huiying.notify.dead", type="direct", durable=True)
-DEAD_QUEUE = Queue("huiying.notify.deliveries.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY, durable=True)
+DEAD_QUEUE = WorkQueue("huiying.notify.deliveries.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY)
 UNEXPECTED_ERROR_DELAY = 60
 
 

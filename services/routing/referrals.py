@@ -6,10 +6,12 @@ Who may do what: a department acts on its own referrals only (another's is "not 
 nothing leaks); staff may do everything; only staff decide extensions and route from triage.
 """
 
+import csv
+import io
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed
 from services.common.outbox import add_event
@@ -115,6 +117,52 @@ def case_view(session, case_id: str, actor: dict, names: dict) -> dict:
     }
 
 
+MAX_QUERY = 200  # characters of a search text
+DEFAULT_LIMIT, MAX_LIMIT = 200, 1000
+
+
+def filters(args) -> dict:
+    """The list's, search's and export's filters from a query string: ``status``, ``department``
+    (staff only; a department always gets its own), ``case_id`` and ``q`` (text in the case's
+    title or description, or in its id)."""
+    found = {name: (args.get(name) or "").strip() or None for name in ("status", "department", "case_id", "q")}
+    if found["q"] and len(found["q"]) > MAX_QUERY:
+        raise ValidationFailed(
+            f"q is limited to {MAX_QUERY} characters", [{"field": "q", "problem": f"longer than {MAX_QUERY}"}]
+        )
+    return found
+
+
+def limit_from(args) -> int:
+    value = args.get("limit", "")
+    return min(max(int(value), 1), MAX_LIMIT) if value.isdigit() else DEFAULT_LIMIT
+
+
+def _visible_referrals(actor: dict, status=None, department=None, case_id=None, q=None):
+    """The referrals ``actor`` may see that pass the filters, soonest due first."""
+    query = select(referrals).order_by(referrals.c.due_at, referrals.c.id)
+    if actor["role"] == "department":
+        query = query.where(referrals.c.department == actor["subject"])  # never another department's
+    elif actor["role"] != "staff":
+        raise Forbidden("referrals are for departments and staff")
+    elif department:
+        query = query.where(referrals.c.department == department)
+    if status:
+        query = query.where(referrals.c.status == status)
+    if case_id:
+        query = query.where(referrals.c.case_id == case_id)
+    if q:
+        matching = select(routing_cases.c.case_id).where(
+            or_(
+                routing_cases.c.title.icontains(q, autoescape=True),
+                routing_cases.c.description.icontains(q, autoescape=True),
+                routing_cases.c.case_id.icontains(q, autoescape=True),
+            )
+        )
+        query = query.where(referrals.c.case_id.in_(matching))
+    return query
+
+
 def list_referrals(
     session,
     actor: dict,
@@ -122,18 +170,68 @@ def list_referrals(
     status: str | None = None,
     department: str | None = None,
     case_id: str | None = None,
-    limit: int = 200,
+    limit: int = DEFAULT_LIMIT,
+    q: str | None = None,
 ) -> list[dict]:
-    query = select(referrals).order_by(referrals.c.due_at, referrals.c.id).limit(min(max(limit, 1), 1000))
-    if actor["role"] == "department":
-        query = query.where(referrals.c.department == actor["subject"])  # never another department's
-    elif department:
-        query = query.where(referrals.c.department == department)
-    if status:
-        query = query.where(referrals.c.status == status)
-    if case_id:
-        query = query.where(referrals.c.case_id == case_id)
+    query = _visible_referrals(actor, status, department, case_id, q).limit(min(max(limit, 1), MAX_LIMIT))
     return [referral_view(r, names) for r in session.execute(query).all()]
+
+
+# One column per field of the list view; the extension's fields flattened.
+EXPORT_COLUMNS = (
+    "id",
+    "case_id",
+    "department",
+    "department_name",
+    "lead",
+    "round",
+    "status",
+    "referred_at",
+    "due_at",
+    "return_by",
+    "accepted_at",
+    "returned_at",
+    "return_reason",
+    "extension_status",
+    "extension_working_days",
+    "extension_reason",
+    "extension_decided_at",
+    "replied_at",
+    "reply",
+)
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _export_cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    # A department's own words (a return reason, a reply) must not run as a spreadsheet formula.
+    return "'" + text if isinstance(value, str) and text.startswith(_FORMULA_STARTS) else text
+
+
+def export_row(view: dict) -> list[str]:
+    extension = view.get("extension") or {}
+    flat = {k: v for k, v in view.items() if k != "extension"} | {
+        "extension_status": extension.get("status"),
+        "extension_working_days": extension.get("working_days"),
+        "extension_reason": extension.get("reason"),
+        "extension_decided_at": extension.get("decided_at"),
+    }
+    return [_export_cell(flat.get(column)) for column in EXPORT_COLUMNS]
+
+
+def export_csv(session, actor: dict, names: dict, status=None, department=None, case_id=None, q=None) -> bytes:
+    """Every referral the list would show (no page limit), as CSV in UTF-8 with a byte-order mark
+    (so that Excel reads the Chinese correctly), a header row first."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(EXPORT_COLUMNS)
+    for row in session.execute(_visible_referrals(actor, status, department, case_id, q)).all():
+        writer.writerow(export_row(referral_view(row, names)))
+    return ("\ufeff" + out.getvalue()).encode("utf-8")
 
 
 def triage_list(session) -> list[dict]:

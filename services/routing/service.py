@@ -6,7 +6,7 @@ import logging
 from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 
-from services.common.auth import KeyCache, actor_for
+from services.common.auth import KeyCache, actor_for, require_role, require_staff
 from services.common.base import ServiceBase
 from services.common.db import snapshot
 from services.common.events import reliable_event_handler
@@ -15,6 +15,7 @@ from services.common.http import (
     Forbidden,
     NotFound,
     ValidationFailed,
+    download_response,
     http,
     json_body,
     json_response,
@@ -29,6 +30,7 @@ from services.routing.models import outbox
 log = logging.getLogger(__name__)
 EXPECTED = (NotFound, Forbidden, Conflict, ValidationFailed)
 CLI_ACTOR = {"role": "staff", "subject": "cli"}
+DEPARTMENT_API = ("department", "staff")
 
 
 class RoutingService(ServiceBase):
@@ -142,26 +144,30 @@ class RoutingService(ServiceBase):
 
     @http("GET", "/api/v1/referrals")
     def http_list_referrals(self, request):
+        """The caller's referrals (staff: all), filtered by ``status``, ``case_id``, ``q`` (search)."""
         actor = self._actor(request)
-        if actor["role"] not in ("department", "staff"):
-            raise Forbidden("referrals are for departments and staff")
-        args = request.args
+        require_role(actor, DEPARTMENT_API, "referrals")
+        found = referrals.filters(request.args)
         names = self._context().department_names
         with self.db() as session:
-            found = referrals.list_referrals(
-                session,
-                actor,
-                names,
-                args.get("status"),
-                args.get("department"),
-                args.get("case_id"),
-                int(args.get("limit", 200)) if args.get("limit", "").isdigit() else 200,
-            )
-        return json_response(200, {"referrals": found})
+            listed = referrals.list_referrals(session, actor, names, limit=referrals.limit_from(request.args), **found)
+        return json_response(200, {"referrals": listed})
+
+    @http("GET", "/api/v1/referrals/export.csv")
+    def http_export_referrals(self, request):
+        """The list (same filters, no page limit) as a CSV file Excel opens."""
+        actor = self._actor(request)
+        require_role(actor, DEPARTMENT_API, "referrals")
+        found = referrals.filters(request.args)
+        names = self._context().department_names
+        with self.db() as session:
+            body = referrals.export_csv(session, actor, names, **found)
+        return download_response(body, "text/csv; charset=utf-8", "referrals.csv")
 
     @http("GET", "/api/v1/referrals/<referral_id>")
     def http_get_referral(self, request, referral_id):
         actor = self._actor(request)
+        require_role(actor, DEPARTMENT_API, "referrals")
         names = self._context().department_names
         with self.db() as session:
             row = referrals._referral(session, referral_id, actor, lock=False)
@@ -170,13 +176,13 @@ class RoutingService(ServiceBase):
     @http("POST", "/api/v1/referrals/<referral_id>/<any(accept,return,extension,reply):step>")
     def http_referral_step(self, request, referral_id, step):
         actor = self._actor(request)
-        if actor["role"] not in ("department", "staff"):
-            raise Forbidden("referral steps are for departments and staff")
+        require_role(actor, DEPARTMENT_API, "referral steps")
         return json_response(200, self._apply(actor, referral_id, step, json_body(request)))
 
     @http("POST", "/api/v1/referrals/<referral_id>/extension/decision")
     def http_extension_decision(self, request, referral_id):
         actor = self._actor(request)
+        require_staff(actor, "deciding extensions")
         return json_response(200, self._apply(actor, referral_id, "extension_decision", json_body(request)))
 
     @http("POST", "/api/v1/cases/<case_id>/feedback")
@@ -196,14 +202,14 @@ class RoutingService(ServiceBase):
 
     @http("GET", "/api/v1/triage")
     def http_triage(self, request):
-        if self._actor(request)["role"] != "staff":
-            raise Forbidden("the triage list is for committee staff")
+        require_staff(self._actor(request), "the triage list")
         with self.db() as session:
             return json_response(200, {"cases": referrals.triage_list(session)})
 
     @http("POST", "/api/v1/triage/<case_id>/route")
     def http_route_triaged(self, request, case_id):
         actor = self._actor(request)
+        require_staff(actor, "routing from the triage list")
         body = json_body(request)
         departments = body.get("departments")
         if not isinstance(departments, list) or not all(isinstance(d, str) for d in departments):
@@ -214,3 +220,10 @@ class RoutingService(ServiceBase):
         return json_response(
             200, self._step(referrals.route_from_triage, actor, case_id, departments, body.get("lead"))
         )
+
+    @http("POST", "/api/v1/rules/reload")
+    def http_reload_rules(self, request):
+        """As ``huiying rules reload``: ``{"version", "problems"}``; a refused folder keeps the last
+        good version deciding and lists its problems as ``FILE:LINE: message``."""
+        require_staff(self._actor(request), "reloading the rules")
+        return json_response(200, self.reload_rules())

@@ -16,6 +16,7 @@ from services.common.timeutil import iso
 from services.common.workdays import WorkingCalendar, cst_date
 from services.supervision.clusters import Member, bigrams, clusters
 from services.supervision.models import agenda_cases, case_projection, referral_projection
+from services.supervision.sweeping import shard_filter
 
 OPEN_REFERRAL = ("referred", "accepted")
 YIELD_EVERY = 200  # cases between cooperative yields: a long sweep must not starve AMQP heartbeats
@@ -73,11 +74,14 @@ def case_facts(
     return facts
 
 
-def _candidates(session, case_ids, window_days: int):
+def _candidates(session, case_ids, window_days: int, shard=None):
     """The unresolved cases to evaluate, and the unresolved cases they may cluster with."""
     unresolved = case_projection.c.status != "closed"
     if case_ids is None:
-        rows = session.execute(select(case_projection).where(unresolved)).all()
+        query = select(case_projection).where(unresolved)
+        if shard is not None:  # a shard holds whole clusters: its cases are their own peers
+            query = query.where(shard_filter(shard))
+        rows = session.execute(query).all()
         return rows, rows
     targets = session.execute(select(case_projection).where(case_projection.c.case_id.in_(case_ids), unresolved)).all()
     if not targets:
@@ -119,10 +123,13 @@ def _clusters(members, settings) -> dict:
     )
 
 
-def evaluate(session, ruleset: Ruleset, calendar: WorkingCalendar, now: datetime, case_ids=None) -> tuple[int, list]:
-    """``(cases evaluated, decisions)`` for the given cases (default: every unresolved case)."""
+def evaluate(
+    session, ruleset: Ruleset, calendar: WorkingCalendar, now: datetime, case_ids=None, shard=None
+) -> tuple[int, list]:
+    """``(cases evaluated, decisions)`` for the given cases (default: every unresolved case, or
+    those of one sweep shard)."""
     settings = ruleset.settings
-    targets, members = _candidates(session, case_ids, settings["cluster_window_days"])
+    targets, members = _candidates(session, case_ids, settings["cluster_window_days"], shard)
     if not targets:
         return 0, []
     grouped = _clusters(members, settings)

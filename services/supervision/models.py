@@ -29,6 +29,7 @@ case_projection = Table(
     Column("reopen_count", Integer, nullable=False, server_default="0"),
     Column("unsatisfied_count", Integer, nullable=False, server_default="0"),
     Column("last_rating", String(8)),
+    Index("ix_supervision_cases_shard", "street", "category"),  # a sweep shard's cases
 )
 
 referral_projection = Table(
@@ -127,6 +128,21 @@ rule_versions = Table(
     Column("loaded_at", UTCDateTime, nullable=False),
     Column("files", JSON, nullable=False),
     Column("changes", JSON, nullable=False),
+)
+
+# The periodic sweep, shared among replicas: one row per (street, category) — similar cases never
+# cross one, so a shard is a whole set of clusters. A replica leases a shard before sweeping it;
+# a killed replica's lease runs out and another takes the shard over.
+sweep_shards = Table(
+    "supervision_sweep_shards",
+    metadata,
+    Column("street", String(64), primary_key=True),  # '' for cases with no street
+    Column("category", String(64), primary_key=True),  # '' for cases with no category
+    Column("owner", String(100)),
+    Column("lease_until", UTCDateTime),
+    Column("swept_at", UTCDateTime),
+    Column("swept_by", String(100)),
+    Column("evaluated", Integer),
 )
 
 outbox = outbox_table(metadata, "supervision")

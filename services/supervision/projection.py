@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from services.common.http import NotFound
 from services.common.timeutil import iso
 from services.common.upsert import insert_ignoring_duplicates
-from services.supervision.models import case_projection, referral_projection, timeline
+from services.supervision.models import case_projection, referral_projection, sweep_shards, timeline
 
 ROUTING_EVENTS = (
     "case_referred",
@@ -113,7 +113,15 @@ def record_case_received(session, event: dict) -> bool:
             street=case_projection.c.street if event.get("street") is None else event["street"],
         )
     )
+    where = case_projection.c.case_id == event["case_id"]
+    case = session.execute(select(case_projection.c.street, case_projection.c.category).where(where)).one()
+    register_shard(session, case.street, case.category)
     return True
+
+
+def register_shard(session, street: str | None, category: str | None) -> None:
+    """Make sure the periodic sweep knows the shard this case falls in (sweeping.py)."""
+    insert_ignoring_duplicates(session, sweep_shards, dict(street=street or "", category=category or ""))
 
 
 def record_routing_event(session, event: dict) -> bool:
@@ -172,6 +180,8 @@ def record_routing_event(session, event: dict) -> bool:
     elif event_type == "case_reopened":
         values["reopen_count"] = event["reopen_count"]
     session.execute(update(case_projection).where(case_projection.c.case_id == case_id).values(**values))
+    if "category" in values:
+        register_shard(session, case.street, values["category"])
 
     referral_values = {}
     if event_type in REFERRAL_STATUS:

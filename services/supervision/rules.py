@@ -59,6 +59,7 @@ SETTINGS = {
     "cluster_window_days": ("int", 1, 366),
     "cluster_similarity": ("number", 0, 1),  # share of shared two-character words
     "sweep_interval_seconds": ("int", 5, 86400),
+    "sweep_lease_seconds": ("int", 2, 86400),
 }
 
 

@@ -8,7 +8,6 @@ the rules through the CLI.
 
 import logging
 import tempfile
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from services.common.rules.provider import Rules, with_calendar
 from services.common.rules.ruleset import RulesetInvalid
 from services.common.timeutil import iso, now
 from services.common.upsert import insert_ignoring_duplicates
-from services.supervision import escalation, evaluation, projection
+from services.supervision import escalation, evaluation, projection, sweeping
 from services.supervision import rules as supervision_rules
 from services.supervision.models import outbox, rule_versions
 
@@ -67,11 +66,11 @@ class SupervisionService(ServiceBase):
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def _evaluate_and_apply(self, moment: datetime, case_ids=None) -> dict:
+    def _evaluate_and_apply(self, moment: datetime, case_ids=None, shard=None) -> dict:
         loaded = self.rules.get()
         self._record_rule_version()
         with snapshot(self.db) as session:
-            evaluated, decided = evaluation.evaluate(session, loaded.rules, loaded.calendar, moment, case_ids)
+            evaluated, decided = evaluation.evaluate(session, loaded.rules, loaded.calendar, moment, case_ids, shard)
         decided.sort(key=lambda d: d.key)  # one order everywhere: concurrent sweeps never deadlock
         taken = []
         for start in range(0, len(decided), APPLY_BATCH):
@@ -132,14 +131,25 @@ class SupervisionService(ServiceBase):
 
     @timer(interval=5)
     def periodic_sweep(self):
-        """The time-based rules (催办, 逾期) need a sweep; how often is a setting in the rules."""
+        """The time-based rules (催办, 逾期) need a sweep. Replicas share it: each takes the shards
+        (street × category) that are due and not leased, one at a time (sweeping.py)."""
         self.rules.refresh()
-        interval = self.rules.get().rules.settings["sweep_interval_seconds"]
-        if time.monotonic() - self.state.get("last_sweep", 0.0) >= interval:
-            self.state["last_sweep"] = time.monotonic()
-            result = self._evaluate_and_apply(now())
-            if result["decisions"]:
-                log.info("sweep: %s cases, %s new decisions", result["evaluated"], len(result["decisions"]))
+        settings = self.rules.get().rules.settings
+        interval, lease = settings["sweep_interval_seconds"], settings["sweep_lease_seconds"]
+        me = self.state.setdefault("replica", sweeping.replica_name())
+        evaluated, decided = 0, 0
+        while True:
+            with self.db.begin() as session:
+                shard = sweeping.claim_shard(session, me, now(), interval, lease)
+            if shard is None:
+                break
+            result = self._evaluate_and_apply(now(), shard=shard)
+            with self.db.begin() as session:
+                if not sweeping.release_shard(session, shard, me, now(), result["evaluated"]):
+                    log.warning("sweep: the lease on %s ran out mid-sweep; raise sweep_lease_seconds", shard)
+            evaluated, decided = evaluated + result["evaluated"], decided + len(result["decisions"])
+        if decided:
+            log.info("sweep by %s: %s cases, %s new decisions", me, evaluated, decided)
 
     # --- RPC: the operator CLI --------------------------------------------------------------
 
@@ -287,6 +297,13 @@ class SupervisionService(ServiceBase):
     def http_case(self, request, case_id):
         self._staff(request, "the whole-process record")
         return json_response(200, self.get_case_record(case_id))
+
+    @http("POST", "/api/v1/rules/reload")
+    def http_reload_rules(self, request):
+        """As ``huiying rules reload``: ``{"version", "problems"}``; a refused folder keeps the last
+        good version deciding and lists its problems as ``FILE:LINE: message``."""
+        self._staff(request, "reloading the rules")
+        return json_response(200, self.reload_rules())
 
 
 def _changes(previous: dict | None, current: dict) -> dict:

@@ -3,7 +3,7 @@ firing and not firing, clusters of similar cases, and each escalation happening 
 
 import threading
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -11,9 +11,9 @@ from sqlalchemy.orm import sessionmaker
 
 from services.common.rules.provider import with_calendar
 from services.common.timeutil import CST
-from services.supervision import escalation, evaluation, projection
+from services.supervision import escalation, evaluation, projection, sweeping
 from services.supervision import rules as supervision_rules
-from services.supervision.models import agenda, agenda_cases, decisions, outbox
+from services.supervision.models import agenda, agenda_cases, decisions, outbox, sweep_shards
 from tests.conftest import DEMO_DIRECTORY
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
@@ -257,3 +257,49 @@ def test_concurrent_sweeps_take_each_decision_once(world):
     assert len(taken) == len(set(taken)) == world.count(decisions)
     # 10 overdue cases × (agenda + joint supervision), + the cluster's agenda item and inspection
     assert world.count(agenda) == 22
+
+
+def test_replicas_share_the_sweep_by_shard_without_overlap_and_take_over_a_dead_ones_lease(world):
+    for i, title in enumerate(HAIJIXING[:6]):
+        world.case(f"H-{i}", title=title, category="traffic", street="pinghu")
+    world.case("L-1", street="nanwan")
+    world.case("L-2", street="buji")
+    world.case("N-1", street=None, category=None)
+    sessions, t0 = world.sessionmaker, at("2026-10-19T09:00:00+08:00")
+    with sessions() as session:  # registered by the projection as the cases arrived
+        assert session.scalar(select(func.count()).select_from(sweep_shards)) == 4
+
+    def claim(owner, when=t0):
+        with sessions.begin() as session:
+            return sweeping.claim_shard(session, owner, when, interval_seconds=60, lease_seconds=30)
+
+    a, b, c = claim("a"), claim("b"), claim("a")
+    assert len({a, b, c}) == 3  # never the same shard twice while it is leased
+    with sessions.begin() as session:
+        assert sweeping.release_shard(session, b, "b", t0, 1)
+    d = claim("b")
+    assert d not in (a, b, c) and claim("b") is None  # b was just swept; a and c are leased
+    later = t0 + timedelta(seconds=31)  # "a" died holding a and c; its leases have run out
+    assert {claim("b", later), claim("b", later)} == {a, c}
+    with sessions.begin() as session:
+        assert not sweeping.release_shard(session, a, "a", later, 0)  # the dead replica lost it
+        assert sweeping.release_shard(session, a, "b", later, 6)
+
+
+def test_sweeping_shard_by_shard_decides_what_one_whole_sweep_decides(world):
+    for i, title in enumerate(HAIJIXING):
+        world.case(f"H-{i}", title=title, category="traffic", street="pinghu")
+    world.case("L-1", street="nanwan")
+    world.case("N-1", street=None, category=None)
+    loaded = with_calendar(supervision_rules.load)(RULES_DIR)
+    when = at("2026-10-19T09:00:00+08:00")
+    with world.sessionmaker() as session:
+        _, whole = evaluation.evaluate(session, loaded.rules, loaded.calendar, when)
+        shards = session.execute(select(sweep_shards.c.street, sweep_shards.c.category)).all()
+        by_shard = [
+            d.key
+            for shard in shards
+            for d in evaluation.evaluate(session, loaded.rules, loaded.calendar, when, shard=tuple(shard))[1]
+        ]
+    assert len(whole) > 20  # the cluster's decisions are among them
+    assert sorted(by_shard) == sorted(d.key for d in whole)

@@ -3,80 +3,20 @@ each kind of event reaching its recipients, retries, the dead-letter path and it
 duplicate under redelivery, and status updates back to the source ticketing system."""
 
 import json
-import mailbox
 import shutil
-import subprocess
-import sys
 import time
 from email.header import decode_header, make_header
 
-import eventlet
-import eventlet.wsgi
 import pytest
 from kombu import Connection, Producer
 
 from services.common.topology import event_exchange
 from services.notify.channels import signature
-from tests.conftest import DEMO_DIRECTORY, free_port, wait_for
+from tests.conftest import DEMO_DIRECTORY, Receiver, wait_for
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
 SECRET = "test-secret"
-
-
-class Receiver:
-    """A local HTTP endpoint that records what it is sent; ``fail`` makes it answer 503."""
-
-    def __init__(self):
-        self.requests, self.fail = [], 0
-        self.port = free_port()
-        server = eventlet.listen(("127.0.0.1", self.port))
-        self.thread = eventlet.spawn(eventlet.wsgi.server, server, self.app, log_output=False)
-
-    def app(self, environ, start_response):
-        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        if self.fail:
-            self.fail -= 1
-            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
-            return [b"down"]
-        self.requests.append(
-            {"path": environ["PATH_INFO"], "body": body, "signature": environ.get("HTTP_X_HUIYING_SIGNATURE")}
-        )
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [b'{"errcode": 0}']
-
-    def url(self, path):
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def at(self, path):
-        return [r for r in self.requests if r["path"] == path]
-
-    def close(self):
-        self.thread.kill()
-
-
-@pytest.fixture
-def smtp(tmp_path):
-    port, box = free_port(), tmp_path / "maildir"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aiosmtpd",
-            "-n",
-            "-l",
-            f"127.0.0.1:{port}",
-            "-c",
-            "aiosmtpd.handlers.Mailbox",
-            str(box),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_for(lambda: box.exists(), timeout=10)
-    yield port, lambda: list(mailbox.Maildir(str(box), create=False))
-    process.terminate()
-    process.wait(5)
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ DOCKERFILE = ROOT / "Dockerfile"
 
 # service -> HTTP port (services/common/config.py DEFAULT_HTTP_ADDRESSES)
 SERVICES = {"intake": 8001, "routing": 8002, "supervision": 8003, "notify": 8004}
+# services that run several replicas (docker-compose.yml deploy.replicas)
+REPLICATED = ("routing", "supervision")
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,21 @@ def condition(service: dict, dependency: str) -> str | None:
     depends_on = service.get("depends_on") or {}
     assert isinstance(depends_on, dict), "depends_on must use the long form to carry a condition"
     return (depends_on.get(dependency) or {}).get("condition")
+
+
+def published_ports(service: dict) -> list[tuple[str | None, str]]:
+    """Each published port as (host port or None, container port), short or long syntax."""
+    found = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            published = port.get("published")
+            found.append((None if published in (None, "") else str(published), str(port["target"])))
+            continue
+        parts = str(port).split("/", 1)[0].rsplit(":", 2)  # [[ip:]host:]container
+        container = parts[-1]
+        host = parts[-2] if len(parts) >= 2 else None
+        found.append((host or None, container))
+    return found
 
 
 def walk_keys(node):
@@ -175,8 +192,37 @@ def test_service_environment(services, name):
 def test_service_publishes_its_port_and_mounts_rules_read_only(services, name):
     port = SERVICES[name]
     published = [str(p) for p in services[name].get("ports", [])]
-    assert any(re.fullmatch(rf"(\S+:)?{port}:{port}(/tcp)?", p) for p in published), published
+    if name in REPLICATED:  # a host port Docker picks per replica
+        assert (None, str(port)) in published_ports(services[name]), published
+    else:
+        assert any(re.fullmatch(rf"(\S+:)?{port}:{port}(/tcp)?", p) for p in published), published
     assert "./rules:/app/rules:ro" in services[name]["volumes"]
+
+
+@pytest.mark.parametrize("name", REPLICATED)
+def test_replicated_services_run_two_and_fix_no_host_port_or_container_name(services, name):
+    service = services[name]
+    assert int((service.get("deploy") or {}).get("replicas", 1)) >= 2
+    assert "container_name" not in service, "replicas cannot share one container name"
+    fixed = [host for host, _ in published_ports(service) if host is not None]
+    assert fixed == [], f"{name}: replicas cannot all bind host port(s) {fixed}"
+
+
+@pytest.mark.parametrize("name", sorted(set(SERVICES) - set(REPLICATED)))
+def test_single_services_keep_one_instance(services, name):
+    assert int((services[name].get("deploy") or {}).get("replicas", 1)) == 1
+
+
+def test_no_two_services_bind_the_same_host_port(services):
+    bound = [host for service in services.values() for host, _ in published_ports(service) if host is not None]
+    assert len(bound) == len(set(bound)), bound
+
+
+def test_every_process_that_declares_queues_has_the_same_queue_type(services):
+    """migrate declares the topology, every service declares it again: one HUIYING_QUEUE_TYPE."""
+    types = {name: environment(services[name]).get("HUIYING_QUEUE_TYPE") for name in ("migrate", *SERVICES)}
+    assert len(set(types.values())) == 1, types
+    assert set(types.values()) <= {"classic", "quorum"}, types
 
 
 # --- the Dockerfile -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from services.common.rules import conditions, yamlfile
 from services.common.rules.conditions import Fact
-from services.common.rules.engine import CompiledRules
+from services.common.rules.engine import CompiledRules, RulesEngineError
 from services.common.rules.yamlfile import line_of
 
 MAX_FILES = 200
@@ -187,7 +187,56 @@ def load(
         raise RulesetInvalid(problems)
     version, hashes = content_version(directory)
     clean_settings = {k: v for k, (v, _, _) in settings.items()}
-    return Ruleset(name=name, version=version, rules=rules, settings=clean_settings, files=hashes)
+    loaded = Ruleset(name=name, version=version, rules=rules, settings=clean_settings, files=hashes)
+    _compile_now(loaded, stages)
+    return loaded
+
+
+def _compile_now(loaded: Ruleset, stages) -> None:
+    """Give every stage to durable_rules now: a condition it cannot compile (a regular expression
+    too large for its automaton, ``a{1,300}``) refuses the folder, instead of failing every
+    decision once the new version has replaced the running one."""
+    failed = []
+    for stage in stages:
+        try:
+            loaded.engine(stage)
+        except RulesEngineError:
+            failed.append(stage)
+    if not failed:
+        return
+    loaded.close()
+    # Rare: find the rules at fault, one at a time (each trial costs durable a little memory).
+    problems = []
+    for rule in (r for r in loaded.rules if r.stage in failed):
+        try:
+            CompiledRules(f"{loaded.name}.check", {rule.id: rule.condition}).close()
+        except RulesEngineError as exc:
+            problems.append(Problem(rule.file, rule.line, f"rule {rule.id}: {_engine_refusal(rule, exc)}"))
+    raise RulesetInvalid(problems or [Problem(loaded.name, 1, f"durable_rules cannot compile stage(s) {failed}")])
+
+
+def _leaves(tree):
+    if "fact" in tree:
+        yield tree
+    for part in tree.get("all", []) + tree.get("any", []) + ([tree["not"]] if "not" in tree else []):
+        yield from _leaves(part)
+
+
+def _engine_refusal(rule: Rule, exc: Exception) -> str:
+    code = str(exc).rsplit("error code:", 1)[-1].strip()
+    for leaf in _leaves(rule.condition):
+        try:
+            CompiledRules("check", {"r": leaf}).close()
+        except RulesEngineError:
+            hint = (
+                "; make the regular expression simpler (e.g. no long {m,n} repetitions)"
+                if leaf["op"] == "matches"
+                else ""
+            )
+            described = conditions.describe(leaf)
+            described = described if len(described) <= 160 else described[:159] + "…"
+            return f"durable_rules cannot run the condition {described} (error {code}){hint}"
+    return f"durable_rules cannot compile this condition (error {code})"
 
 
 def _load_file(path, document, facts, actions, stages, rules, settings, seen_ids, problems):
