@@ -12,7 +12,7 @@ import logging
 from kombu import Exchange
 from nameko.events import SERVICE_POOL, EventHandler
 
-from services.common.retrying import REASON_HEADER, publish_raw, retry_or_park
+from services.common.retrying import REASON_HEADER, ParkingQueueConsumer, publish_raw, retry_or_park
 from services.common.topology import WorkQueue, event_handler_queue
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,29 @@ def retry_queue_for(queue_name: str) -> WorkQueue:
     )
 
 
+def park(amqp_uri: str, message, queue: str, reason: str) -> None:
+    publish_raw(
+        amqp_uri,
+        DEAD_EXCHANGE,
+        DEAD_QUEUE,
+        "dead",
+        message.body,
+        message.content_type or "application/json",
+        {**(message.headers or {}), "x-huiying-queue": queue, REASON_HEADER: reason},
+    )
+    log.error("event parked from %s: %s", queue, reason)
+
+
+class EventQueueConsumer(ParkingQueueConsumer):
+    """Events whose body is not JSON are parked in ``huiying.events.dead`` at once."""
+
+    def park_undecodable(self, provider, message, reason):
+        park(self.amqp_uri, message, provider.queue.name, reason)
+
+
 class ReliableEventHandler(EventHandler):
+    queue_consumer = EventQueueConsumer()
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.handler_type is not SERVICE_POOL or not self.reliable_delivery:
@@ -56,26 +78,13 @@ class ReliableEventHandler(EventHandler):
         if exc_info is None:
             return self.queue_consumer.ack_message(message)
         queue = self.queue.name
-
-        def park(reason):
-            publish_raw(
-                self.container.config["AMQP_URI"],
-                DEAD_EXCHANGE,
-                DEAD_QUEUE,
-                "dead",
-                message.body,
-                message.content_type or "application/json",
-                {**(message.headers or {}), "x-huiying-queue": queue, REASON_HEADER: reason},
-            )
-            log.error("event parked from %s: %s", queue, reason)
-
         retry_or_park(
             self,
             message,
             exc_info,
             max_attempts=MAX_ATTEMPTS,
             retry=(RETRY_EXCHANGE, retry_queue_for(queue), queue),
-            park=park,
+            park=lambda reason: park(self.container.config["AMQP_URI"], message, queue, reason),
         )
 
 

@@ -4,9 +4,11 @@ lost if the service stops meanwhile, and the delay grows with each attempt. Afte
 attempt the message is parked in a dead-letter queue with the reason."""
 
 import logging
+from functools import partial
 
 from kombu import Exchange, Queue
 from nameko.amqp.publish import Publisher
+from nameko.messaging import QueueConsumer
 
 from services.common.topology import WorkQueue
 
@@ -104,3 +106,38 @@ def retry_or_park(consumer, message, exc_info, *, max_attempts: int, retry: tupl
         log.exception("could not schedule a retry; requeueing the message")
         return consumer.queue_consumer.requeue_message(message)
     consumer.queue_consumer.ack_message(message)
+
+
+class ParkingQueueConsumer(QueueConsumer):
+    """A queue consumer (its own connection) that parks a message whose body it cannot decode.
+
+    kombu only logs such a message and leaves it unacknowledged: it holds a prefetch slot for as
+    long as the connection lives and comes back, undecodable again, after every reconnect. A
+    subclass says where it goes (``park_undecodable``); it is acked only once parked."""
+
+    accept_types = ["json"]
+
+    def park_undecodable(self, provider, message, reason: str) -> None:
+        raise NotImplementedError
+
+    def get_consumers(self, consumer_cls, channel):
+        for provider in self._providers:
+            consumer = consumer_cls(
+                queues=[provider.queue],
+                callbacks=[partial(self.handle_message, provider)],
+                accept=self.accept_types,
+                on_decode_error=partial(self.on_undecodable, provider),
+            )
+            consumer.qos(prefetch_count=self.prefetch_count)
+            self._consumers[provider] = consumer
+        return self._consumers.values()
+
+    def on_undecodable(self, provider, message, exc):
+        reason = f"body could not be decoded as {message.content_type or 'JSON'}: {type(exc).__name__}: {exc}"
+        try:
+            self.park_undecodable(provider, message, reason[:1000])
+        except Exception:
+            log.exception("could not park an undecodable message; leaving it queued")
+            self.requeue_message(message)
+            return
+        self.ack_message(message)

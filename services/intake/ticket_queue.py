@@ -13,9 +13,9 @@ import logging
 
 from kombu import Exchange, Queue
 from nameko.extensions import DependencyProvider
-from nameko.messaging import Consumer, QueueConsumer
+from nameko.messaging import Consumer
 
-from services.common.retrying import REASON_HEADER, publish_raw, retry_or_park, retry_queue
+from services.common.retrying import REASON_HEADER, ParkingQueueConsumer, publish_raw, retry_or_park, retry_queue
 from services.common.timeutil import iso, now
 from services.common.topology import WorkQueue
 
@@ -70,30 +70,13 @@ class DeadLetters(DependencyProvider):
         return dead_letter
 
 
-class TicketQueueConsumer(QueueConsumer):
-    """A queue consumer (its own connection) that dead-letters bodies it cannot decode."""
+class TicketQueueConsumer(ParkingQueueConsumer):
+    """Tickets it cannot decode go to the dead-letter queue with the reason."""
 
-    def get_consumers(self, consumer_cls, channel):
-        for provider in self._providers:
-            consumer = consumer_cls(
-                queues=[provider.queue],
-                callbacks=[lambda body, message, p=provider: self.handle_message(p, body, message)],
-                accept=["json", "text/plain", "application/octet-stream"],
-                on_decode_error=self.on_decode_error,
-            )
-            consumer.qos(prefetch_count=self.prefetch_count)
-            self._consumers[provider] = consumer
-        return self._consumers.values()
+    accept_types = ["json", "text/plain", "application/octet-stream"]
 
-    def on_decode_error(self, message, exc):
-        reason = f"body could not be decoded as {message.content_type or 'JSON'}: {type(exc).__name__}: {exc}"
-        try:
-            publish_dead_letter(self.amqp_uri, message.body, reason, message.content_type, None)
-        except Exception:
-            log.exception("could not dead-letter an undecodable ticket; leaving it queued")
-            self.requeue_message(message)
-            return
-        self.ack_message(message)
+    def park_undecodable(self, provider, message, reason):
+        publish_dead_letter(self.amqp_uri, message.body, reason, message.content_type, None)
 
 
 class TicketConsumer(Consumer):

@@ -74,3 +74,62 @@ def test_an_event_that_keeps_failing_is_parked_with_its_reason(submit, rpc, monk
         wait_for(collect, timeout=15)
     assert parked[0].headers["x-huiying-queue"] == "evt-routing-case_referred--supervision.on_routing_event"
     assert parked[0].headers["x-huiying-reason"] == "failed 2 times, last: ZeroDivisionError: division by zero"
+
+
+def parked_messages(amqp_uri, expect: int, timeout: float = 20) -> list:
+    parked = []
+    with Connection(amqp_uri) as connection:
+        queue = DEAD_QUEUE(connection.channel())
+
+        def collect():
+            message = queue.get(no_ack=True)
+            if message is not None:
+                parked.append(message)
+            return len(parked) >= expect
+
+        wait_for(collect, timeout=timeout)
+    return parked
+
+
+def test_a_poison_event_is_parked_while_the_events_around_it_flow(submit, rpc, monkeypatch, rabbit_config):
+    from services.common import events
+    from services.supervision import projection
+
+    real, poison = projection.record_routing_event, {}
+
+    def fails_for_one_case(session, event):
+        if event["case_id"] == poison.get("case_id"):
+            raise ValueError("this event can never be projected")
+        return real(session, event)
+
+    monkeypatch.setattr(events, "MAX_ATTEMPTS", 3)
+    monkeypatch.setattr(projection, "record_routing_event", fails_for_one_case)
+    before = submit("P-before")
+    poison["case_id"] = f"{before[:-6]}{int(before[-6:]) + 1:06d}"  # the next case id
+    assert submit("P-poison") == poison["case_id"]
+    after = submit("P-after")
+    wait_for(lambda: referrals_seen_by_supervision(rpc, before) and referrals_seen_by_supervision(rpc, after), 15)
+    [parked] = parked_messages(rabbit_config["AMQP_URI"], 1)
+    assert parked.headers["x-huiying-reason"] == "failed 3 times, last: ValueError: this event can never be projected"
+    assert referrals_seen_by_supervision(rpc, poison["case_id"]) == []
+
+
+def test_an_undecodable_event_is_parked_and_the_consumer_carries_on(submit, rpc, rabbit_config):
+    from kombu import Producer
+
+    from services.common.topology import event_exchange
+
+    with Connection(rabbit_config["AMQP_URI"]) as connection:
+        Producer(connection.channel()).publish(
+            b"\xff\xfe not json",
+            exchange=event_exchange("routing"),
+            routing_key="case_referred",
+            content_type="application/json",
+            content_encoding="binary",
+            delivery_mode=2,
+        )
+    case_id = submit("U-after")
+    wait_for(lambda: referrals_seen_by_supervision(rpc, case_id), timeout=15)
+    parked = parked_messages(rabbit_config["AMQP_URI"], 1)
+    assert parked[0].body == b"\xff\xfe not json"
+    assert "decode" in parked[0].headers["x-huiying-reason"].lower()
