@@ -197,6 +197,35 @@ def wait_for(predicate, timeout: float = 10, interval: float = 0.05):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+def take_messages(amqp_uri: str, queue: Queue, count: int, timeout: float = 10) -> list:
+    """Take (and ack) messages from ``queue`` until ``count`` have come, within ``timeout``."""
+    found = []
+    with Connection(amqp_uri) as connection:
+        bound = queue(connection.channel())
+
+        def collect():
+            message = bound.get(no_ack=True)
+            if message is not None:
+                found.append(message)
+            return len(found) >= count
+
+        wait_for(collect, timeout)
+    return found
+
+
+def wait_routed(rpc, case_id: str, timeout: float = 15) -> dict:
+    """Routing's record of ``case_id`` once routing has decided it (referred or triaged)."""
+
+    def routed():
+        try:
+            return rpc.routing.get_case_routing(case_id)["status"] != "awaiting_routing"
+        except Exception:
+            return False
+
+    wait_for(routed, timeout=timeout)
+    return rpc.routing.get_case_routing(case_id)
+
+
 @pytest.fixture
 def project_root() -> Path:
     return settings.PROJECT_ROOT

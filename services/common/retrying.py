@@ -108,6 +108,29 @@ def retry_or_park(consumer, message, exc_info, *, max_attempts: int, retry: tupl
     consumer.queue_consumer.ack_message(message)
 
 
+def _tolerate_a_dead_connection(settle):
+    """nameko ignores amqp's ConnectionError when it acks or requeues on a connection that just
+    died, but not the socket's own ConnectionResetError or BrokenPipeError: one of those, raised
+    in a worker while RabbitMQ restarts, kills the whole service container. The broker redelivers
+    an unacknowledged message anyway, so there is nothing to do but carry on."""
+
+    def settle_tolerantly(self, message):
+        try:
+            settle(self, message)
+        except OSError as exc:
+            log.warning("could not settle a message on a lost connection (%s); the broker redelivers it", exc)
+
+    return settle_tolerantly
+
+
+# Patched once, for every queue consumer in the process (event handlers, tickets, deliveries, RPC).
+if not getattr(QueueConsumer.ack_message, "tolerant", False):
+    for _name in ("ack_message", "requeue_message"):
+        _patched = _tolerate_a_dead_connection(getattr(QueueConsumer, _name))
+        _patched.tolerant = True
+        setattr(QueueConsumer, _name, _patched)
+
+
 class ParkingQueueConsumer(QueueConsumer):
     """A queue consumer (its own connection) that parks a message whose body it cannot decode.
 

@@ -223,7 +223,8 @@ class RoutingService(ServiceBase):
 
     @http("POST", "/api/v1/rules/reload")
     def http_reload_rules(self, request):
-        """As ``huiying rules reload``: ``{"version", "problems"}``; a refused folder keeps the last
-        good version deciding and lists its problems as ``FILE:LINE: message``."""
+        """As ``huiying rules reload``: ``{"version", "problems"}``, 200 when loaded; 422 when the
+        folder is refused (the last good version keeps deciding; problems as ``FILE:LINE: message``)."""
         require_staff(self._actor(request), "reloading the rules")
-        return json_response(200, self.reload_rules())
+        result = self.reload_rules()
+        return json_response(422 if result["problems"] else 200, result)

@@ -16,7 +16,7 @@ import requests
 from sqlalchemy import text
 
 from services.routing.referrals import EXPORT_COLUMNS
-from tests.conftest import DEMO_DIRECTORY, wait_for
+from tests.conftest import DEMO_DIRECTORY, wait_for, wait_routed
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
@@ -58,14 +58,7 @@ def stack(run_services, rpc, demo_directory, tmp_path, monkeypatch):
             }
         )["id"]
 
-        def routed():
-            try:
-                return rpc.routing.get_case_routing(case_id)["status"] != "awaiting_routing"
-            except Exception:
-                return False
-
-        wait_for(routed, timeout=15)
-        return rpc.routing.get_case_routing(case_id)
+        return wait_routed(rpc, case_id)
 
     a_case = submit("AUTH-A", A_TITLE, A_DESCRIPTION, "平湖")
     b_case = submit("AUTH-B", B_TITLE, B_DESCRIPTION, "南湾")

@@ -6,7 +6,7 @@ from kombu import Connection
 from nameko.exceptions import RemoteError
 
 from services.common.events import DEAD_QUEUE
-from tests.conftest import wait_for
+from tests.conftest import take_messages, wait_for
 
 pytestmark = pytest.mark.interface
 
@@ -77,18 +77,7 @@ def test_an_event_that_keeps_failing_is_parked_with_its_reason(submit, rpc, monk
 
 
 def parked_messages(amqp_uri, expect: int, timeout: float = 20) -> list:
-    parked = []
-    with Connection(amqp_uri) as connection:
-        queue = DEAD_QUEUE(connection.channel())
-
-        def collect():
-            message = queue.get(no_ack=True)
-            if message is not None:
-                parked.append(message)
-            return len(parked) >= expect
-
-        wait_for(collect, timeout=timeout)
-    return parked
+    return take_messages(amqp_uri, DEAD_QUEUE, expect, timeout)
 
 
 def test_a_poison_event_is_parked_while_the_events_around_it_flow(submit, rpc, monkeypatch, rabbit_config):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DEMO_DIRECTORY, wait_for
+from tests.conftest import DEMO_DIRECTORY, wait_for, wait_routed
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
@@ -152,14 +152,7 @@ def stack(run_services, rpc, demo_directory, tmp_path, monkeypatch):
         )["id"]
         submitted.append(case_id)
 
-        def routed():
-            try:
-                return rpc.routing.get_case_routing(case_id)["status"] != "awaiting_routing"
-            except Exception:
-                return False
-
-        wait_for(routed, timeout=15)
-        return rpc.routing.get_case_routing(case_id)
+        return wait_routed(rpc, case_id)
 
     return urls, rules, staff, submit
 
@@ -209,7 +202,7 @@ def test_a_hostile_rule_file_is_refused_and_the_running_rules_keep_deciding(stac
 
         by_rpc = getattr(rpc, service).reload_rules()
         response = requests.post(urls[service] + "/api/v1/rules/reload", headers=staff)
-        assert response.status_code == 200, response.text
+        assert response.status_code == 422, response.text  # refused
         by_http = response.json()
         for status in (by_rpc, by_http):
             assert status["version"] == before[service]["version"], (service, status)

@@ -8,7 +8,7 @@ from sqlalchemy import func, select
 
 from services.intake.models import cases
 from services.intake.ticket_queue import DEAD_QUEUE, REASON_HEADER, ROUTING_KEY, TICKET_EXCHANGE
-from tests.conftest import wait_for
+from tests.conftest import take_messages, wait_for
 
 pytestmark = pytest.mark.interface
 
@@ -31,18 +31,7 @@ def publish(rabbit_config, run_services, rpc, demo_directory):
 
 
 def dead_letters(amqp_uri, count, timeout=10):
-    found = []
-    with Connection(amqp_uri) as connection:
-        queue = DEAD_QUEUE(connection.channel())
-
-        def collect():
-            message = queue.get(no_ack=True)
-            if message is not None:
-                found.append(message)
-            return len(found) >= count
-
-        wait_for(collect, timeout)
-    return found
+    return take_messages(amqp_uri, DEAD_QUEUE, count, timeout)
 
 
 def case_count(db):

@@ -124,7 +124,8 @@ def test_a_failed_send_is_retried_by_the_broker(env):
         timeout=30,
     )
     log = rpc.notify.deliveries_for(case_id)
-    assert max(d["attempts"] for d in log) == 2, (
+    # Exactly two failed attempts in all, whichever deliveries they hit (one may have hit twice).
+    assert sum(d["attempts"] for d in log) == len(log) + 2, (
         receiver.fail,
         [(d["channel"], d["attempts"], d["last_error"]) for d in log],
     )

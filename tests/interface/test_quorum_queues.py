@@ -17,7 +17,7 @@ from services.common.topology import TopologyMismatch, declare_all, work_queue_a
 from services.intake.models import cases as intake_cases
 from services.intake.ticket_queue import DEAD_QUEUE as TICKETS_DEAD_QUEUE
 from services.intake.ticket_queue import REASON_HEADER, ROUTING_KEY, TICKET_EXCHANGE
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, take_messages, wait_for
 
 pytestmark = pytest.mark.interface
 
@@ -85,18 +85,7 @@ def projected_referrals(rpc, case_id):
 
 
 def dead_letters(amqp_uri, queue, count, timeout):
-    found = []
-    with Connection(amqp_uri) as connection:
-        bound = queue(connection.channel())
-
-        def collect():
-            message = bound.get(no_ack=True)
-            if message is not None:
-                found.append(message)
-            return len(found) >= count
-
-        wait_for(collect, timeout)
-    return found
+    return take_messages(amqp_uri, queue, count, timeout)
 
 
 def test_every_work_queue_is_quorum_and_a_case_flows_from_both_channels_to_supervision(
