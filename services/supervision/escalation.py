@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from services.common.http import Conflict, NotFound, ValidationFailed
 from services.common.outbox import add_event
 from services.common.timeutil import CST, iso
-from services.common.upsert import insert_ignoring_duplicates
+from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
 from services.supervision.evaluation import Decision
 from services.supervision.models import agenda, agenda_cases, case_projection, counters, decisions, outbox
 
@@ -160,13 +160,18 @@ def _ensure_item(session, decision: Decision, now) -> tuple[str, list]:
                 agenda.c.kind == kind, agenda.c.rule_id == decision.rule_id, agenda.c.subject_id == decision.subject_id
             )
         )
-    new_cases = [
-        case_id
-        for case_id in decision.case_ids
-        if insert_ignoring_duplicates(
-            session, agenda_cases, {"agenda_id": existing, "case_id": case_id, "added_at": now}
+    # A cluster's item is met again on every event about any of its cases: look its cases up once
+    # and insert only the new ones, in one statement, instead of a round trip per member.
+    linked = set(session.scalars(select(agenda_cases.c.case_id).where(agenda_cases.c.agenda_id == existing)))
+    added_now = set(
+        insert_many_ignoring_duplicates(
+            session,
+            agenda_cases,
+            [{"agenda_id": existing, "case_id": c, "added_at": now} for c in decision.case_ids if c not in linked],
+            agenda_cases.c.case_id,
         )
-    ]
+    )
+    new_cases = [c for c in decision.case_ids if c in added_now]
     return existing, new_cases
 
 

@@ -15,12 +15,14 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2
 import requests
 from kombu import Connection, Exchange, Producer
 from sqlalchemy import create_engine, text
 
-from tests.conftest import DEMO_DIRECTORY, free_port
+from tests.conftest import DEMO_DIRECTORY, TEST_DATABASE_URL, free_port
 
 HUIYING = [sys.executable, "-m", "huiying.cli"]
 SERVICES = ("intake", "routing", "supervision", "notify")
@@ -358,3 +360,44 @@ def unmasked_phones(texts: dict[str, str]) -> dict[str, list[str]]:
         if hits:
             found[where] = sorted(set(hits))[:5]
     return found
+
+
+class Resources:
+    """Databases and vhosts made for stacks, dropped at the end."""
+
+    def __init__(self):
+        self.databases, self.vhosts = [], []
+        parts = urlsplit(TEST_DATABASE_URL)
+        self.admin_url = urlunsplit(parts._replace(path="/postgres"))
+        self.base = parts
+
+    def database(self) -> str:
+        name = f"huiying_fault_{uuid.uuid4().hex[:10]}"
+        connection = psycopg2.connect(self.admin_url)
+        connection.autocommit = True
+        connection.cursor().execute(f"CREATE DATABASE {name}")
+        connection.close()
+        self.databases.append(name)
+        return urlunsplit(self.base._replace(path=f"/{name}"))
+
+    def vhost(self) -> str:
+        name = f"huiying-fault-{uuid.uuid4().hex[:10]}"
+        auth = ("guest", "guest")
+        requests.put(f"{MANAGEMENT}/vhosts/{name}", auth=auth, timeout=10).raise_for_status()
+        requests.put(
+            f"{MANAGEMENT}/permissions/{name}/guest",
+            json={"configure": ".*", "write": ".*", "read": ".*"},
+            auth=auth,
+            timeout=10,
+        ).raise_for_status()
+        self.vhosts.append(name)
+        return name
+
+    def close(self):
+        for name in self.vhosts:
+            requests.delete(f"{MANAGEMENT}/vhosts/{name}", auth=("guest", "guest"), timeout=30)
+        connection = psycopg2.connect(self.admin_url)
+        connection.autocommit = True
+        for name in self.databases:
+            connection.cursor().execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.close()
