@@ -3,6 +3,16 @@
 
 A service subclasses ``ServiceBase`` and sets ``name`` and ``relay = OutboxRelay(its outbox)``;
 nameko finds inherited dependencies and entrypoints like its own.
+
+When a message is acknowledged is chosen per kind of entrypoint, never left to nameko's default
+(which acks a message whose handler raised, so the message is lost):
+- events (``events.reliable_event_handler``), tickets (``intake.ticket_queue``) and deliveries
+  (``notify.queue``): acked only once handled, or once a copy waits in a retry queue or is parked
+  in a dead-letter queue with its reason; an undecodable body is parked at once. They carry
+  what the system has accepted, so nothing may be dropped, and a poison message must not spin.
+- RPC (the operator CLI): nameko acks the request and sends any error back; the caller sees it
+  and decides. Nothing accepted travels by RPC, so nothing is lost by not retrying it.
+- timers and HTTP carry no message: a timer's next tick, or the HTTP client, tries again.
 """
 
 from nameko.dependency_providers import Config

@@ -26,14 +26,14 @@ def stream(stack, sender, count, rate, prefix, faults: dict):
     return [r for r in restarts if r is not None]
 
 
-def finished(stack, sender, timeout=240):
+def finished(stack, sender, timeout=240, settle_timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         figures = reconcile(stack, sender, "hotline-12345")
         if not figures["lost"] and not figures["unrouted"] and not figures["missing in supervision"]:
             break
         time.sleep(1)
-    stack.wait_settled()
+    stack.wait_settled(timeout=settle_timeout)
     return reconcile(stack, sender, "hotline-12345")
 
 

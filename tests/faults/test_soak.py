@@ -9,7 +9,10 @@ from tests.faults.harness import SERVICES, Sender, case_payload
 from tests.faults.test_kill_and_restart import assert_nothing_lost_or_doubled, finished
 
 CASES = 10_000 if LONG else 1_000
-RATE = 50  # cases per second, offered
+# Cases per second, offered: steady, and within what the slowest consumer sustains on this
+# machine (supervision, which re-evaluates a case's whole cluster on each of its events: about
+# 20 events/s once clusters hold hundreds of cases; bench/ measures it).
+RATE = 20 if LONG else 50
 WARM_UP = 0.3  # the first 30% of the run: caches fill, pools open, code paths are first taken
 # How much a service may still grow after warm-up: allocator noise and SQLAlchemy's and kombu's
 # pools settle in a few MB; a leak per case (≥1 KB × thousands of cases) shows far above this.
@@ -30,7 +33,7 @@ def test_a_steady_stream_loses_nothing_and_memory_stays_flat(make_stack, capsys)
                 samples[service].append((i, stack.rss_mb(pid)))
         time.sleep(max(0.0, started + (i + 1) / RATE - time.monotonic()))
     offered = time.monotonic() - started
-    figures = finished(stack, sender, timeout=600)
+    figures = finished(stack, sender, timeout=600, settle_timeout=900)
     drained = time.monotonic() - started
     for service, pid in pids.items():
         samples[service].append((CASES, stack.rss_mb(pid)))

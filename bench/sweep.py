@@ -1,0 +1,160 @@
+"""A full periodic sweep over many open cases in PostgreSQL: the supervision service as its own
+process, N unresolved cases (referred 30 days ago, some overdue) written straight into its
+tables with COPY; the sweep is started by marking every shard due, as the interval would.
+
+Reports the sweep's duration, the process's peak memory (VmHWM) and whether its AMQP connection
+held throughout (the same connection in RabbitMQ before and after, no reconnect in its log).
+
+    .venv/bin/python -m bench.sweep --cases 100000 [--timeout 1800]
+"""
+
+import argparse
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import psycopg2
+import requests
+
+from services.common.migrations import upgrade
+from services.common.timeutil import now
+from tests.conftest import DEMO_DIRECTORY, free_port
+from tests.faults.harness import MANAGEMENT, STREETS, TOPICS, Resources
+
+RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
+CATEGORIES = ["traffic", "urban_management", "environment", "housing", "education", "health", "safety"]
+
+
+def seed(database_url: str, cases: int, rng: random.Random) -> None:
+    """COPY ``cases`` open cases and their referrals into supervision's projection."""
+    referred = now() - timedelta(days=30)
+    cases_csv, referrals_csv = io.StringIO(), io.StringIO()
+    for i in range(cases):
+        case_id = f"LG-2025-{i:07d}"
+        street = rng.choice(STREETS)
+        category = rng.choice(CATEGORIES)
+        title, description = rng.choice(TOPICS)
+        due = referred + timedelta(days=rng.randint(5, 60))  # some overdue, some not yet
+        cases_csv.write(
+            f"{case_id}\thotline-12345\t{street}{title}{i % 97}\t{description}\treferred\treferral\t{category}\t"
+            f'{street}\t{referred.isoformat()}\t{referred.isoformat()}\tcgj\t["cgj"]\t{referred.isoformat()}\n'
+        )
+        referrals_csv.write(
+            f"{case_id}-R1\t{case_id}\tcgj\t龙岗区城市管理和综合执法局\t1\t1\treferred\t"
+            f"{referred.isoformat()}\t{due.isoformat()}\t{referred.isoformat()}\n"
+        )
+    connection = psycopg2.connect(database_url)
+    with connection, connection.cursor() as cursor:
+        cases_csv.seek(0)
+        cursor.copy_from(
+            cases_csv,
+            "supervision_cases",
+            columns=(
+                "case_id", "source", "title", "description", "status", "kind", "category", "street",
+                "received_at", "updated_at", "lead_department", "departments", "first_referred_at",
+            ),
+        )  # fmt: skip
+        referrals_csv.seek(0)
+        cursor.copy_from(
+            referrals_csv,
+            "supervision_referrals",
+            columns=(
+                "referral_id", "case_id", "department", "department_name", "is_lead", "round", "status",
+                "referred_at", "due_at", "updated_at",
+            ),
+        )  # fmt: skip
+        cursor.execute(
+            "INSERT INTO supervision_sweep_shards (street, category)"
+            " SELECT DISTINCT COALESCE(street, ''), COALESCE(category, '') FROM supervision_cases"
+            " ON CONFLICT DO NOTHING"
+        )
+        cursor.execute("ANALYZE")
+    connection.close()
+
+
+def connections(vhost: str) -> list[str]:
+    response = requests.get(f"{MANAGEMENT}/connections", auth=("guest", "guest"), timeout=10)
+    return sorted(c["name"] for c in response.json() if c.get("vhost") == vhost)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=100_000)
+    parser.add_argument("--timeout", type=float, default=1800)
+    args = parser.parse_args()
+
+    root = Path(tempfile.mkdtemp(prefix="huiying-sweep-"))
+    rules = root / "rules"
+    shutil.copytree(RULES_DIR, rules)
+    policy = rules / "supervision" / "policy.yaml"
+    text = policy.read_text(encoding="utf-8")
+    once_a_day = text.replace("sweep_interval_seconds: 60", "sweep_interval_seconds: 86400")
+    policy.write_text(once_a_day, encoding="utf-8")  # only the sweep this script starts
+    resources = Resources()
+    vhost, database_url = resources.vhost(), resources.database()
+    env = {
+        "AMQP_URI": f"amqp://guest:guest@127.0.0.1:5672/{vhost}",
+        "DATABASE_URL": database_url,
+        "HUIYING_RULES_DIR": str(rules),
+        "HUIYING_VAR_DIR": str(root / "var"),
+        "HUIYING_SUPERVISION_ADDRESS": f"127.0.0.1:{free_port()}",
+        "HUIYING_LOG_LEVEL": "WARNING",
+        "PATH": "/usr/bin:/bin",
+    }
+    report = {"cases": args.cases}
+    process = None
+    try:
+        upgrade("supervision", database_url)
+        started = time.perf_counter()
+        seed(database_url, args.cases, random.Random(7))
+        report["seed_s"] = round(time.perf_counter() - started, 1)
+        log = open(root / "supervision.log", "wb")
+        command = [sys.executable, "-m", "services.common.runner", "supervision"]
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        time.sleep(8)  # started, first (empty-handed) sweep tick passed
+        before = connections(vhost)
+        db = psycopg2.connect(database_url)
+        db.autocommit = True
+        with db.cursor() as cursor:
+            cursor.execute("UPDATE supervision_sweep_shards SET swept_at = NULL, owner = NULL, lease_until = NULL")
+        started = time.perf_counter()
+        while time.perf_counter() - started < args.timeout:
+            with db.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM supervision_sweep_shards WHERE swept_at IS NULL OR owner IS NOT NULL"
+                )
+                if cursor.fetchone()[0] == 0:
+                    break
+            if process.poll() is not None:
+                break
+            time.sleep(0.5)
+        report["sweep_s"] = round(time.perf_counter() - started, 1)
+        with db.cursor() as cursor:
+            cursor.execute("SELECT sum(evaluated), count(*) FROM supervision_sweep_shards")
+            report["evaluated"], report["shards"] = cursor.fetchone()
+            cursor.execute("SELECT count(*) FROM supervision_decisions")
+            report["decisions"] = cursor.fetchone()[0]
+        status = Path(f"/proc/{process.pid}/status").read_text() if process.poll() is None else ""
+        peak = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
+        report["peak_rss_mb"] = round(int(peak[0]) / 1024) if peak else None
+        after = connections(vhost)
+        reconnects = (root / "supervision.log").read_text(errors="replace").count("Connection to broker lost")
+        report["amqp_connection_held"] = bool(before) and before == after and reconnects == 0
+        report["completed"] = report["evaluated"] == args.cases
+    finally:
+        if process and process.poll() is None:
+            process.kill()
+        resources.close()
+        shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
