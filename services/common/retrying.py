@@ -143,6 +143,16 @@ class ParkingQueueConsumer(QueueConsumer):
     def park_undecodable(self, provider, message, reason: str) -> None:
         raise NotImplementedError
 
+    def start(self):
+        # This consumer has a connection of its own, started alongside nameko's shared one, which
+        # carries the replies to this service's RPC calls. A message handled before that one is
+        # ready could make an RPC call whose reply queue does not exist yet: the reply would be
+        # dropped and the worker would wait for ever. So messages flow only once it is ready.
+        shared = self.container.shared_extensions.get(QueueConsumer)
+        if shared is not None and shared is not self:
+            shared._consumers_ready.wait()
+        super().start()
+
     def get_consumers(self, consumer_cls, channel):
         for provider in self._providers:
             consumer = consumer_cls(
