@@ -68,7 +68,7 @@ def push(stack, sender, watcher, prefix, count, rate, http_share, timeout):
     sent_at, started = {}, time.perf_counter()
     http_every = round(1 / http_share) if http_share else 0
     for i in range(count):
-        payload = case_payload(i, "bench", prefix)
+        payload = case_payload(i, "hotline-12345", prefix)
         if http_every and i % http_every == 0:
             sender.http(payload)
         else:
@@ -121,7 +121,7 @@ def main():
         report["raw_broker"] = raw_broker(stack.amqp_uri, args.raw_messages)
         stack.up()
         sender = Sender(stack, stack.keys["hotline"])
-        watcher = Watcher(stack, "bench")
+        watcher = Watcher(stack, "hotline-12345")
         report["burst"] = push(stack, sender, watcher, "B", args.burst, 0, args.http_share, timeout=900)
         report["steady"] = push(
             stack, sender, watcher, "S", int(args.rate * args.seconds), args.rate, args.http_share, timeout=900

@@ -50,6 +50,8 @@ def seed(database_url: str, cases: int, rng: random.Random) -> None:
             f"{case_id}-R1\t{case_id}\tcgj\t龙岗区城市管理和综合执法局\t1\t1\treferred\t"
             f"{referred.isoformat()}\t{due.isoformat()}\t{referred.isoformat()}\n"
         )
+    # COPY cannot run under psycogreen's cooperative wait callback (set when tests.conftest is imported)
+    psycopg2.extensions.set_wait_callback(None)
     connection = psycopg2.connect(database_url)
     with connection, connection.cursor() as cursor:
         cases_csv.seek(0)
@@ -146,7 +148,8 @@ def main():
         report["peak_rss_mb"] = round(int(peak[0]) / 1024) if peak else None
         after = connections(vhost)
         reconnects = (root / "supervision.log").read_text(errors="replace").count("Connection to broker lost")
-        report["amqp_connection_held"] = bool(before) and before == after and reconnects == 0
+        # Its consumers' connections must all still be there (publisher connections come and go).
+        report["amqp_connection_held"] = bool(before) and set(before) <= set(after) and reconnects == 0
         report["completed"] = report["evaluated"] == args.cases
     finally:
         if process and process.poll() is None:
