@@ -197,6 +197,27 @@ def wait_for(predicate, timeout: float = 10, interval: float = 0.05):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
+@pytest.fixture
+def publish_ticket(rabbit_config):
+    """``publish_ticket(body, content_type)``: a message on the AMQP ticket channel, as a ticketing
+    system sends it (a dict is sent as JSON, bytes as they are)."""
+    from kombu import Producer
+
+    from services.intake.ticket_queue import ROUTING_KEY, TICKET_EXCHANGE
+
+    connection = Connection(rabbit_config["AMQP_URI"])
+    producer = Producer(connection.channel(), exchange=TICKET_EXCHANGE)
+
+    def send(body, content_type="application/json"):
+        raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
+        producer.publish(
+            raw, routing_key=ROUTING_KEY, content_type=content_type, content_encoding="utf-8", delivery_mode=2
+        )
+
+    yield send
+    connection.release()
+
+
 def take_messages(amqp_uri: str, queue: Queue, count: int, timeout: float = 10) -> list:
     """Take (and ack) messages from ``queue`` until ``count`` have come, within ``timeout``."""
     found = []

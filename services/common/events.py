@@ -12,7 +12,7 @@ import logging
 from kombu import Exchange
 from nameko.events import SERVICE_POOL, EventHandler
 
-from services.common.retrying import REASON_HEADER, ParkingQueueConsumer, publish_raw, retry_or_park
+from services.common.retrying import DeadLetterQueue, ParkingQueueConsumer, retry_or_park
 from services.common.topology import WorkQueue, event_handler_queue
 
 log = logging.getLogger(__name__)
@@ -21,6 +21,7 @@ MAX_ATTEMPTS = 8
 RETRY_EXCHANGE = Exchange("huiying.events.retry", type="direct", durable=True)
 DEAD_EXCHANGE = Exchange("huiying.events.dead", type="direct", durable=True)
 DEAD_QUEUE = WorkQueue("huiying.events.dead", exchange=DEAD_EXCHANGE, routing_key="dead")
+DEAD_LETTER = DeadLetterQueue(DEAD_EXCHANGE, DEAD_QUEUE, "dead")
 
 
 def retry_queue_for(queue_name: str) -> WorkQueue:
@@ -33,28 +34,8 @@ def retry_queue_for(queue_name: str) -> WorkQueue:
     )
 
 
-def park(amqp_uri: str, message, queue: str, reason: str) -> None:
-    publish_raw(
-        amqp_uri,
-        DEAD_EXCHANGE,
-        DEAD_QUEUE,
-        "dead",
-        message.body,
-        message.content_type or "application/json",
-        {**(message.headers or {}), "x-huiying-queue": queue, REASON_HEADER: reason},
-    )
-    log.error("event parked from %s: %s", queue, reason)
-
-
-class EventQueueConsumer(ParkingQueueConsumer):
-    """Events whose body is not JSON are parked in ``huiying.events.dead`` at once."""
-
-    def park_undecodable(self, provider, message, reason):
-        park(self.amqp_uri, message, provider.queue.name, reason)
-
-
 class ReliableEventHandler(EventHandler):
-    queue_consumer = EventQueueConsumer()
+    queue_consumer = ParkingQueueConsumer(DEAD_LETTER)  # a body that is not JSON is parked at once
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -84,7 +65,14 @@ class ReliableEventHandler(EventHandler):
             exc_info,
             max_attempts=MAX_ATTEMPTS,
             retry=(RETRY_EXCHANGE, retry_queue_for(queue), queue),
-            park=lambda reason: park(self.container.config["AMQP_URI"], message, queue, reason),
+            park=lambda reason: DEAD_LETTER.park(
+                self.container.config["AMQP_URI"],
+                message.body,
+                message.content_type or "application/json",
+                message.headers,
+                reason,
+                queue,
+            ),
         )
 
 

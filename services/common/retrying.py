@@ -4,18 +4,22 @@ lost if the service stops meanwhile, and the delay grows with each attempt. Afte
 attempt the message is parked in a dead-letter queue with the reason."""
 
 import logging
+from dataclasses import dataclass
 from functools import partial
 
 from kombu import Exchange, Queue
 from nameko.amqp.publish import Publisher
 from nameko.messaging import QueueConsumer
 
+from services.common.timeutil import iso, now
 from services.common.topology import WorkQueue
 
 log = logging.getLogger(__name__)
 
 ATTEMPTS_HEADER = "x-huiying-attempts"
 REASON_HEADER = "x-huiying-reason"
+QUEUE_HEADER = "x-huiying-queue"  # the queue a parked message came from
+DEAD_AT_HEADER = "x-huiying-dead-at"
 
 
 def retry_queue(name: str, work_exchange: Exchange, routing_key: str) -> tuple[Exchange, WorkQueue]:
@@ -55,6 +59,25 @@ def publish_raw(
         headers=headers,
         **properties,
     )
+
+
+@dataclass(frozen=True)
+class DeadLetterQueue:
+    """Where messages that cannot be handled are parked, with the reason, for a person to look at."""
+
+    exchange: Exchange
+    queue: Queue
+    routing_key: str
+
+    def park(self, amqp_uri: str, body, content_type, headers, reason: str, from_queue: str | None = None):
+        """Publish ``body`` as it came, its headers kept, with the reason (and the queue it left)."""
+        extra = {REASON_HEADER: reason[:1000], DEAD_AT_HEADER: iso(now())}
+        if from_queue:
+            extra[QUEUE_HEADER] = from_queue
+        publish_raw(
+            amqp_uri, self.exchange, self.queue, self.routing_key, body, content_type, {**(headers or {}), **extra}
+        )
+        log.error("parked in %s%s: %s", self.queue.name, f" from {from_queue}" if from_queue else "", reason[:200])
 
 
 def publish_for_retry(
@@ -123,25 +146,26 @@ def _tolerate_a_dead_connection(settle):
     return settle_tolerantly
 
 
-# Patched once, for every queue consumer in the process (event handlers, tickets, deliveries, RPC).
-if not getattr(QueueConsumer.ack_message, "tolerant", False):
-    for _name in ("ack_message", "requeue_message"):
-        _patched = _tolerate_a_dead_connection(getattr(QueueConsumer, _name))
-        _patched.tolerant = True
-        setattr(QueueConsumer, _name, _patched)
+# Patched here, once, for every queue consumer in the process (events, tickets, deliveries, RPC).
+QueueConsumer.ack_message = _tolerate_a_dead_connection(QueueConsumer.ack_message)
+QueueConsumer.requeue_message = _tolerate_a_dead_connection(QueueConsumer.requeue_message)
 
 
 class ParkingQueueConsumer(QueueConsumer):
-    """A queue consumer (its own connection) that parks a message whose body it cannot decode.
+    """A queue consumer (its own connection) that parks a message whose body it cannot decode in
+    ``dead_letter``, with the reason, and acks it only once parked.
 
     kombu only logs such a message and leaves it unacknowledged: it holds a prefetch slot for as
-    long as the connection lives and comes back, undecodable again, after every reconnect. A
-    subclass says where it goes (``park_undecodable``); it is acked only once parked."""
+    long as the connection lives and comes back, undecodable again, after every reconnect."""
 
-    accept_types = ["json"]
+    def __init__(self, dead_letter: DeadLetterQueue, accept_types=("json",)):
+        super().__init__()
+        self.dead_letter, self.accept_types = dead_letter, list(accept_types)
 
-    def park_undecodable(self, provider, message, reason: str) -> None:
-        raise NotImplementedError
+    @property
+    def sharing_key(self):
+        # one per dead-letter queue and container (intake has one for tickets and one for events)
+        return (type(self), self.dead_letter.queue.name)
 
     def start(self):
         # This consumer has a connection of its own, started alongside nameko's shared one, which
@@ -168,7 +192,9 @@ class ParkingQueueConsumer(QueueConsumer):
     def on_undecodable(self, provider, message, exc):
         reason = f"body could not be decoded as {message.content_type or 'JSON'}: {type(exc).__name__}: {exc}"
         try:
-            self.park_undecodable(provider, message, reason[:1000])
+            self.dead_letter.park(
+                self.amqp_uri, message.body, message.content_type, message.headers, reason, provider.queue.name
+            )
         except Exception:
             log.exception("could not park an undecodable message; leaving it queued")
             self.requeue_message(message)

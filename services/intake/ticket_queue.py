@@ -15,8 +15,7 @@ from kombu import Exchange, Queue
 from nameko.extensions import DependencyProvider
 from nameko.messaging import Consumer
 
-from services.common.retrying import REASON_HEADER, ParkingQueueConsumer, publish_raw, retry_or_park, retry_queue
-from services.common.timeutil import iso, now
+from services.common.retrying import DeadLetterQueue, ParkingQueueConsumer, retry_or_park, retry_queue
 from services.common.topology import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,7 @@ TICKET_QUEUE = WorkQueue(
     queue_arguments={"x-dead-letter-exchange": DEAD_EXCHANGE.name, "x-dead-letter-routing-key": ROUTING_KEY},
 )
 DEAD_QUEUE = WorkQueue("huiying.intake.tickets.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY)
+DEAD_LETTER = DeadLetterQueue(DEAD_EXCHANGE, DEAD_QUEUE, ROUTING_KEY)
 # A valid ticket that fails for another reason (database down) waits here for its per-message
 # TTL, then RabbitMQ dead-letters it back onto the ticket queue: delayed redelivery by the broker,
 # not a sleeping worker, and bounded — after MAX_ATTEMPTS it goes to the dead-letter queue.
@@ -44,19 +44,6 @@ def ticket_queues() -> list[Queue]:
     return [TICKET_QUEUE, RETRY_QUEUE, DEAD_QUEUE]
 
 
-def publish_dead_letter(amqp_uri: str, body, reason: str, content_type: str | None, headers: dict | None):
-    publish_raw(
-        amqp_uri,
-        DEAD_EXCHANGE,
-        DEAD_QUEUE,
-        ROUTING_KEY,
-        body,
-        content_type,
-        {**(headers or {}), REASON_HEADER: reason[:1000], "x-huiying-dead-at": iso(now())},
-    )
-    log.warning("ticket dead-lettered: %s", reason[:200])
-
-
 class DeadLetters(DependencyProvider):
     """Lets a worker send the message it is handling to the dead-letter queue with a reason."""
 
@@ -65,18 +52,9 @@ class DeadLetters(DependencyProvider):
 
         def dead_letter(body, reason: str):
             raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-            publish_dead_letter(amqp_uri, raw, reason, "application/json", None)
+            DEAD_LETTER.park(amqp_uri, raw, "application/json", None, reason)
 
         return dead_letter
-
-
-class TicketQueueConsumer(ParkingQueueConsumer):
-    """Tickets it cannot decode go to the dead-letter queue with the reason."""
-
-    accept_types = ["json", "text/plain", "application/octet-stream"]
-
-    def park_undecodable(self, provider, message, reason):
-        publish_dead_letter(self.amqp_uri, message.body, reason, message.content_type, None)
 
 
 class TicketConsumer(Consumer):
@@ -84,7 +62,8 @@ class TicketConsumer(Consumer):
     is retried later by the broker, and parked in the dead-letter queue after MAX_ATTEMPTS. It is
     never acked away unhandled: if even the retry cannot be published, it is requeued."""
 
-    queue_consumer = TicketQueueConsumer()
+    # A ticket it cannot decode goes to the dead-letter queue with the reason.
+    queue_consumer = ParkingQueueConsumer(DEAD_LETTER, accept_types=("json", "text/plain", "application/octet-stream"))
 
     def __init__(self, **kwargs):
         super().__init__(TICKET_QUEUE, **kwargs)
@@ -99,9 +78,7 @@ class TicketConsumer(Consumer):
             exc_info,
             max_attempts=MAX_ATTEMPTS,
             retry=(RETRY_EXCHANGE, RETRY_QUEUE, ROUTING_KEY),
-            park=lambda reason: publish_dead_letter(
-                amqp_uri, message.body, reason, message.content_type, message.headers
-            ),
+            park=lambda reason: DEAD_LETTER.park(amqp_uri, message.body, message.content_type, message.headers, reason),
         )
 
 

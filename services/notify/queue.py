@@ -7,7 +7,7 @@ import logging
 from kombu import Exchange, Queue
 from nameko.messaging import Consumer
 
-from services.common.retrying import REASON_HEADER, ParkingQueueConsumer, publish_for_retry, publish_raw, retry_queue
+from services.common.retrying import DeadLetterQueue, ParkingQueueConsumer, publish_for_retry, retry_queue
 from services.common.topology import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -19,6 +19,7 @@ QUEUE = WorkQueue("huiying.notify.deliveries", exchange=EXCHANGE, routing_key=RO
 RETRY_EXCHANGE, RETRY_QUEUE = retry_queue("huiying.notify.deliveries", EXCHANGE, ROUTING_KEY)
 DEAD_EXCHANGE = Exchange("huiying.notify.dead", type="direct", durable=True)
 DEAD_QUEUE = WorkQueue("huiying.notify.deliveries.dead", exchange=DEAD_EXCHANGE, routing_key=ROUTING_KEY)
+DEAD_LETTER = DeadLetterQueue(DEAD_EXCHANGE, DEAD_QUEUE, ROUTING_KEY)
 UNEXPECTED_ERROR_DELAY = 60
 
 
@@ -32,25 +33,10 @@ class RetryLater(Exception):
         self.delay = delay
 
 
-class DeliveryQueueConsumer(ParkingQueueConsumer):
-    """A delivery message that is not JSON is parked in the dead-letter queue at once."""
-
-    def park_undecodable(self, provider, message, reason):
-        publish_raw(
-            self.amqp_uri,
-            DEAD_EXCHANGE,
-            DEAD_QUEUE,
-            ROUTING_KEY,
-            message.body,
-            message.content_type,
-            {**(message.headers or {}), REASON_HEADER: reason},
-        )
-
-
 class DeliveryConsumer(Consumer):
     """Acks only what was handled or handed to the retry queue: a delivery message is never lost."""
 
-    queue_consumer = DeliveryQueueConsumer()
+    queue_consumer = ParkingQueueConsumer(DEAD_LETTER)  # a message that is not JSON is parked at once
 
     def __init__(self, **kwargs):
         super().__init__(QUEUE, **kwargs)

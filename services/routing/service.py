@@ -142,13 +142,16 @@ class RoutingService(ServiceBase):
 
     # --- HTTP: the department API -----------------------------------------------------------
 
+    def _referral_query(self, request) -> tuple[dict, dict, dict]:
+        """``(actor, filters, department names)`` of a list or export request."""
+        actor = self._actor(request)
+        require_role(actor, DEPARTMENT_API, "referrals")
+        return actor, referrals.filters(request.args), self._context().department_names
+
     @http("GET", "/api/v1/referrals")
     def http_list_referrals(self, request):
         """The caller's referrals (staff: all), filtered by ``status``, ``case_id``, ``q`` (search)."""
-        actor = self._actor(request)
-        require_role(actor, DEPARTMENT_API, "referrals")
-        found = referrals.filters(request.args)
-        names = self._context().department_names
+        actor, found, names = self._referral_query(request)
         with self.db() as session:
             listed = referrals.list_referrals(session, actor, names, limit=referrals.limit_from(request.args), **found)
         return json_response(200, {"referrals": listed})
@@ -156,10 +159,7 @@ class RoutingService(ServiceBase):
     @http("GET", "/api/v1/referrals/export.csv")
     def http_export_referrals(self, request):
         """The list (same filters, no page limit) as a CSV file Excel opens."""
-        actor = self._actor(request)
-        require_role(actor, DEPARTMENT_API, "referrals")
-        found = referrals.filters(request.args)
-        names = self._context().department_names
+        actor, found, names = self._referral_query(request)
         with self.db() as session:
             body = referrals.export_csv(session, actor, names, **found)
         return download_response(body, "text/csv; charset=utf-8", "referrals.csv")

@@ -99,7 +99,7 @@ def record_case_received(session, event: dict) -> bool:
     if not _record(session, "case_received", event, received_at):
         return False
     _ensure_case(session, event, received_at)
-    session.execute(
+    case = session.execute(
         update(case_projection)
         .where(case_projection.c.case_id == event["case_id"])
         .values(
@@ -112,9 +112,8 @@ def record_case_received(session, event: dict) -> bool:
             category=case_projection.c.category if event.get("category") is None else event["category"],
             street=case_projection.c.street if event.get("street") is None else event["street"],
         )
-    )
-    where = case_projection.c.case_id == event["case_id"]
-    case = session.execute(select(case_projection.c.street, case_projection.c.category).where(where)).one()
+        .returning(case_projection.c.street, case_projection.c.category)  # as stored, for its shard
+    ).one()
     register_shard(session, case.street, case.category)
     return True
 

@@ -352,6 +352,42 @@ def reconcile(stack: Stack, sender: Sender, source: str) -> dict:
     }
 
 
+def stream(sender, count: int, rate: float, prefix: str, faults: dict | None = None, each=None) -> list:
+    """Send ``count`` cases at ``rate``/s, half by HTTP and half by AMQP. Before case i, run
+    ``faults[i]()`` (what they return, if anything, is returned in a list) and ``each(i)``."""
+    results, start = [], time.monotonic()
+    for i in range(count):
+        if faults and i in faults:
+            results.append(faults[i]())
+        if each:
+            each(i)
+        (sender.http if i % 2 else sender.amqp)(case_payload(i, "hotline-12345", prefix))
+        time.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
+    return [r for r in results if r is not None]
+
+
+def finished(stack, sender, timeout=240, settle_timeout=180) -> dict:
+    """Wait until every accepted case is stored, routed and in supervision and all is quiet;
+    then the reconciliation's figures."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        figures = reconcile(stack, sender, "hotline-12345")
+        if not figures["lost"] and not figures["unrouted"] and not figures["missing in supervision"]:
+            break
+        time.sleep(1)
+    stack.wait_settled(timeout=settle_timeout)
+    return reconcile(stack, sender, "hotline-12345")
+
+
+def assert_nothing_lost_or_doubled(figures, count):
+    assert figures["sent"] == figures["stored"] == count, figures
+    assert figures["lost"] == [] and figures["extra"] == []
+    assert figures["routed other than once"] == [] and figures["duplicated referrals"] == []
+    assert figures["case_received more than once"] == []
+    assert figures["unrouted"] == 0 and figures["missing in supervision"] == 0
+    assert figures["notified twice"] == []
+
+
 def unmasked_phones(texts: dict[str, str]) -> dict[str, list[str]]:
     """``{where: [phone numbers found]}`` for every text that holds one."""
     found = {}

@@ -8,42 +8,18 @@ import time
 import pytest
 
 from tests.faults.conftest import LONG
-from tests.faults.harness import SERVICES, Sender, case_payload, reconcile, unmasked_phones
+from tests.faults.harness import (
+    SERVICES,
+    Sender,
+    assert_nothing_lost_or_doubled,
+    case_payload,
+    finished,
+    stream,
+    unmasked_phones,
+)
 
 CASES = 2000 if LONG else 240
 RATE = 40 if LONG else 20  # cases per second, offered
-
-
-def stream(stack, sender, count, rate, prefix, faults: dict):
-    """Send ``count`` cases at ``rate``, half by HTTP, half by AMQP; at case i run ``faults[i]()``."""
-    restarts, start = [], time.monotonic()
-    for i in range(count):
-        if i in faults:
-            restarts.append(faults[i]())
-        payload = case_payload(i, "hotline-12345", prefix)
-        (sender.http if i % 2 else sender.amqp)(payload)
-        time.sleep(max(0.0, start + (i + 1) / rate - time.monotonic()))
-    return [r for r in restarts if r is not None]
-
-
-def finished(stack, sender, timeout=240, settle_timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        figures = reconcile(stack, sender, "hotline-12345")
-        if not figures["lost"] and not figures["unrouted"] and not figures["missing in supervision"]:
-            break
-        time.sleep(1)
-    stack.wait_settled(timeout=settle_timeout)
-    return reconcile(stack, sender, "hotline-12345")
-
-
-def assert_nothing_lost_or_doubled(figures, count):
-    assert figures["sent"] == figures["stored"] == count, figures
-    assert figures["lost"] == [] and figures["extra"] == []
-    assert figures["routed other than once"] == [] and figures["duplicated referrals"] == []
-    assert figures["case_received more than once"] == []
-    assert figures["unrouted"] == 0 and figures["missing in supervision"] == 0
-    assert figures["notified twice"] == []
 
 
 def test_kill_minus_9_each_service_in_turn_loses_and_doubles_nothing(make_stack, capsys):
@@ -62,7 +38,7 @@ def test_kill_minus_9_each_service_in_turn_loses_and_doubles_nothing(make_stack,
 
     # Each service is killed once, a fifth of the way apart, while cases keep coming.
     faults = {CASES * (k + 1) // 5: kill(service) for k, service in enumerate(SERVICES)}
-    restarts = stream(stack, sender, CASES, RATE, "K", faults)
+    restarts = stream(sender, CASES, RATE, "K", faults)
     for restart in restarts:
         assert restart.wait(120) == 0, (stack.var / "log" / "restarts.txt").read_text()
     figures = finished(stack, sender)
@@ -104,7 +80,7 @@ def test_a_broker_restart_mid_stream_loses_nothing_and_every_service_reconnects(
         broker_restart()
         outage["seconds"] = time.monotonic() - started
 
-    stream(stack, sender, count, RATE, "B", {count // 3: restart_broker})
+    stream(sender, count, RATE, "B", {count // 3: restart_broker})
     figures = finished(stack, sender)
     with capsys.disabled():
         print(

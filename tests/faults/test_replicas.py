@@ -16,8 +16,16 @@ from services.notify import deliveries
 from services.supervision import evaluation, projection
 from services.supervision import rules as supervision_rules
 from tests.faults.conftest import LONG
-from tests.faults.harness import SERVICES, STREETS, TOPICS, Sender, case_payload, reconcile
-from tests.faults.test_kill_and_restart import assert_nothing_lost_or_doubled, finished
+from tests.faults.harness import (
+    SERVICES,
+    STREETS,
+    TOPICS,
+    Sender,
+    assert_nothing_lost_or_doubled,
+    case_payload,
+    finished,
+    reconcile,
+)
 
 CASES = 120
 BACKLOG = 2000 if LONG else 160  # overdue cases for the sweep

@@ -5,8 +5,7 @@ import statistics
 import time
 
 from tests.faults.conftest import LONG
-from tests.faults.harness import SERVICES, Sender, case_payload
-from tests.faults.test_kill_and_restart import assert_nothing_lost_or_doubled, finished
+from tests.faults.harness import SERVICES, Sender, assert_nothing_lost_or_doubled, finished, stream
 
 CASES = 10_000 if LONG else 1_000
 # Cases per second, offered: steady, and within what the slowest consumer sustains on this
@@ -25,13 +24,14 @@ def test_a_steady_stream_loses_nothing_and_memory_stays_flat(make_stack, capsys)
     sender = Sender(stack, stack.keys["hotline"])
     pids = {service: stack.pid(service) for service in SERVICES}
     samples: dict[str, list[tuple[int, float]]] = {service: [] for service in SERVICES}
-    started = time.monotonic()
-    for i in range(CASES):
-        (sender.http if i % 2 else sender.amqp)(case_payload(i, "hotline-12345", "S"))
+
+    def sample(i):
         if i % 50 == 0:
             for service, pid in pids.items():
                 samples[service].append((i, stack.rss_mb(pid)))
-        time.sleep(max(0.0, started + (i + 1) / RATE - time.monotonic()))
+
+    started = time.monotonic()
+    stream(sender, CASES, RATE, "S", each=sample)
     offered = time.monotonic() - started
     figures = finished(stack, sender, timeout=600, settle_timeout=900)
     drained = time.monotonic() - started

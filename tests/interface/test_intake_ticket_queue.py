@@ -1,33 +1,21 @@
 """The AMQP channel: a ticketing platform publishes straight to RabbitMQ."""
 
-import json
-
 import pytest
-from kombu import Connection, Producer
 from sqlalchemy import func, select
 
+from services.common.retrying import REASON_HEADER
 from services.intake.models import cases
-from services.intake.ticket_queue import DEAD_QUEUE, REASON_HEADER, ROUTING_KEY, TICKET_EXCHANGE
+from services.intake.ticket_queue import DEAD_QUEUE
 from tests.conftest import take_messages, wait_for
 
 pytestmark = pytest.mark.interface
 
 
 @pytest.fixture
-def publish(rabbit_config, run_services, rpc, demo_directory):
+def publish(publish_ticket, run_services, rpc, demo_directory):
     run_services("intake")
     rpc.intake.load_directory(demo_directory)
-    connection = Connection(rabbit_config["AMQP_URI"])
-    producer = Producer(connection.channel(), exchange=TICKET_EXCHANGE)
-
-    def send(body, content_type="application/json"):
-        raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-        producer.publish(
-            raw, routing_key=ROUTING_KEY, content_type=content_type, content_encoding="utf-8", delivery_mode=2
-        )
-
-    yield send
-    connection.release()
+    return publish_ticket
 
 
 def dead_letters(amqp_uri, count, timeout=10):

@@ -8,15 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from kombu import Connection, Producer
 from nameko.exceptions import RemoteError
 from sqlalchemy import select
 
 from services.common import config as settings
+from services.common.retrying import REASON_HEADER
 from services.common.topology import TopologyMismatch, declare_all, work_queue_arguments
 from services.intake.models import cases as intake_cases
 from services.intake.ticket_queue import DEAD_QUEUE as TICKETS_DEAD_QUEUE
-from services.intake.ticket_queue import REASON_HEADER, ROUTING_KEY, TICKET_EXCHANGE
 from tests.conftest import free_port, take_messages, wait_for
 
 pytestmark = pytest.mark.interface
@@ -46,18 +45,8 @@ def stack(run_services, rpc, demo_directory, monkeypatch):
 
 
 @pytest.fixture
-def publish(rabbit_config):
-    connection = Connection(rabbit_config["AMQP_URI"])
-    producer = Producer(connection.channel(), exchange=TICKET_EXCHANGE)
-
-    def send(body, content_type="application/json"):
-        raw = body if isinstance(body, bytes) else json.dumps(body, ensure_ascii=False).encode()
-        producer.publish(
-            raw, routing_key=ROUTING_KEY, content_type=content_type, content_encoding="utf-8", delivery_mode=2
-        )
-
-    yield send
-    connection.release()
+def publish(publish_ticket):
+    return publish_ticket
 
 
 def case_id_for(db, external_id, channel="amqp"):
