@@ -1,11 +1,18 @@
-"""A full periodic sweep over many open cases in PostgreSQL: the supervision service as its own
-process, N unresolved cases (referred 30 days ago, some overdue) written straight into its
-tables with COPY; the sweep is started by marking every shard due, as the interval would.
+"""The periodic sweep over many open cases in PostgreSQL: the supervision service as its own
+process, N unresolved cases written straight into its tables with COPY (as if they had arrived:
+each with its referral and its cluster), then three passes, each started by marking every shard
+due as the interval would:
 
-Reports the sweep's duration, the process's peak memory (VmHWM) and whether its AMQP connection
-held throughout (the same connection in RabbitMQ before and after, no reconnect in its log).
+1. first: every case evaluated, and the escalations they call for taken (this backlog's first
+   sweep ever);
+2. whole: every case evaluated again, nothing new to take — the first pass of every day;
+3. incremental: the same day, after 1 % of the cases changed — the passes in between.
 
-    .venv/bin/python -m bench.sweep --cases 100000 [--timeout 1800]
+Reports each pass's duration and cases evaluated, the process's peak memory (VmHWM) and whether
+its AMQP connections held throughout (the same consumer connections in RabbitMQ before and after,
+no reconnect in its log).
+
+    .venv/bin/python -m bench.sweep --cases 100000 [--timeout 3600]
 """
 
 import argparse
@@ -33,18 +40,23 @@ CATEGORIES = ["traffic", "urban_management", "environment", "housing", "educatio
 
 
 def seed(database_url: str, cases: int, rng: random.Random) -> None:
-    """COPY ``cases`` open cases and their referrals into supervision's projection."""
-    referred = now() - timedelta(days=30)
+    """COPY ``cases`` open cases and their referrals into supervision's projection: referred in
+    the last 20 days, due 5–60 days after (a few overdue, most not yet); 70 % alone, the others in
+    clusters of similar cases (about 20 each) within their street and category."""
     cases_csv, referrals_csv = io.StringIO(), io.StringIO()
+    moment = now()
     for i in range(cases):
         case_id = f"LG-2025-{i:07d}"
         street = rng.choice(STREETS)
         category = rng.choice(CATEGORIES)
         title, description = rng.choice(TOPICS)
-        due = referred + timedelta(days=rng.randint(5, 60))  # some overdue, some not yet
+        referred = moment - timedelta(days=rng.uniform(0, 20))
+        due = referred + timedelta(days=rng.randint(5, 60))
+        root = case_id if rng.random() < 0.7 else f"{street}-{category}-{rng.randrange(200)}"
         cases_csv.write(
             f"{case_id}\thotline-12345\t{street}{title}{i % 97}\t{description}\treferred\treferral\t{category}\t"
-            f'{street}\t{referred.isoformat()}\t{referred.isoformat()}\tcgj\t["cgj"]\t{referred.isoformat()}\n'
+            f'{street}\t{referred.isoformat()}\t{referred.isoformat()}\tcgj\t["cgj"]\t{referred.isoformat()}\t'
+            f"cluster:{category}:{street}:{root}\t{referred.isoformat()}\n"
         )
         referrals_csv.write(
             f"{case_id}-R1\t{case_id}\tcgj\t龙岗区城市管理和综合执法局\t1\t1\treferred\t"
@@ -61,6 +73,7 @@ def seed(database_url: str, cases: int, rng: random.Random) -> None:
             columns=(
                 "case_id", "source", "title", "description", "status", "kind", "category", "street",
                 "received_at", "updated_at", "lead_department", "departments", "first_referred_at",
+                "cluster_key", "changed_at",
             ),
         )  # fmt: skip
         referrals_csv.seek(0)
@@ -86,10 +99,32 @@ def connections(vhost: str) -> list[str]:
     return sorted(c["name"] for c in response.json() if c.get("vhost") == vhost)
 
 
+def sweep_pass(db, process, timeout: float, prepare: str) -> dict:
+    """Run ``prepare`` (SQL marking shards due), then wait until every shard has been swept."""
+    with db.cursor() as cursor:
+        cursor.execute(prepare)
+        cursor.execute("SELECT count(*) FROM supervision_decisions")
+        decisions_before = cursor.fetchone()[0]
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout and process.poll() is None:
+        with db.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM supervision_sweep_shards WHERE swept_at IS NULL OR owner IS NOT NULL")
+            if cursor.fetchone()[0] == 0:
+                break
+        time.sleep(0.2)
+    seconds = time.perf_counter() - started
+    with db.cursor() as cursor:
+        cursor.execute("SELECT sum(evaluated) FROM supervision_sweep_shards")
+        evaluated = cursor.fetchone()[0]
+        cursor.execute("SELECT count(*) FROM supervision_decisions")
+        decisions = cursor.fetchone()[0] - decisions_before
+    return {"seconds": round(seconds, 1), "evaluated": evaluated, "new_decisions": decisions}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)
-    parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for each pass")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="huiying-sweep-"))
@@ -98,7 +133,7 @@ def main():
     policy = rules / "supervision" / "policy.yaml"
     text = policy.read_text(encoding="utf-8")
     once_a_day = text.replace("sweep_interval_seconds: 60", "sweep_interval_seconds: 86400")
-    policy.write_text(once_a_day, encoding="utf-8")  # only the sweep this script starts
+    policy.write_text(once_a_day, encoding="utf-8")  # only the passes this script starts
     resources = Resources()
     vhost, database_url = resources.vhost(), resources.database()
     env = {
@@ -117,32 +152,24 @@ def main():
         started = time.perf_counter()
         seed(database_url, args.cases, random.Random(7))
         report["seed_s"] = round(time.perf_counter() - started, 1)
+        db = psycopg2.connect(database_url)
+        db.autocommit = True
+        with db.cursor() as cursor:  # nothing due until the process is up and connected
+            cursor.execute("UPDATE supervision_sweep_shards SET swept_at = now()")
         log = open(root / "supervision.log", "wb")
         command = [sys.executable, "-m", "services.common.runner", "supervision"]
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        time.sleep(8)  # started, first (empty-handed) sweep tick passed
+        time.sleep(8)  # started and connected
         before = connections(vhost)
-        db = psycopg2.connect(database_url)
-        db.autocommit = True
-        with db.cursor() as cursor:
-            cursor.execute("UPDATE supervision_sweep_shards SET swept_at = NULL, owner = NULL, lease_until = NULL")
-        started = time.perf_counter()
-        while time.perf_counter() - started < args.timeout:
-            with db.cursor() as cursor:
-                cursor.execute(
-                    "SELECT count(*) FROM supervision_sweep_shards WHERE swept_at IS NULL OR owner IS NOT NULL"
-                )
-                if cursor.fetchone()[0] == 0:
-                    break
-            if process.poll() is not None:
-                break
-            time.sleep(0.5)
-        report["sweep_s"] = round(time.perf_counter() - started, 1)
-        with db.cursor() as cursor:
-            cursor.execute("SELECT sum(evaluated), count(*) FROM supervision_sweep_shards")
-            report["evaluated"], report["shards"] = cursor.fetchone()
-            cursor.execute("SELECT count(*) FROM supervision_decisions")
-            report["decisions"] = cursor.fetchone()[0]
+        every_shard_due = "UPDATE supervision_sweep_shards SET swept_at = NULL"
+        report["first"] = sweep_pass(db, process, args.timeout, every_shard_due)
+        report["whole"] = sweep_pass(db, process, args.timeout, every_shard_due + ", whole_on = NULL")
+        one_percent = max(1, args.cases // 100)
+        changed = (
+            f"UPDATE supervision_cases SET changed_at = now() WHERE case_id IN"
+            f" (SELECT case_id FROM supervision_cases ORDER BY random() LIMIT {one_percent}); {every_shard_due}"
+        )
+        report["incremental"] = sweep_pass(db, process, args.timeout, changed) | {"cases_changed": one_percent}
         status = Path(f"/proc/{process.pid}/status").read_text() if process.poll() is None else ""
         peak = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
         report["peak_rss_mb"] = round(int(peak[0]) / 1024) if peak else None
@@ -150,7 +177,7 @@ def main():
         reconnects = (root / "supervision.log").read_text(errors="replace").count("Connection to broker lost")
         # Its consumers' connections must all still be there (publisher connections come and go).
         report["amqp_connection_held"] = bool(before) and set(before) <= set(after) and reconnects == 0
-        report["completed"] = report["evaluated"] == args.cases
+        report["completed"] = report["whole"]["evaluated"] == args.cases
     finally:
         if process and process.poll() is None:
             process.kill()

@@ -4,6 +4,10 @@ Two unresolved cases are similar when they share category and street, were recei
 cluster window of each other, and their texts share enough two-character words (bigram Jaccard
 similarity — simple, and suited to Chinese, which has no spaces). Similarity chains: A~B and B~C
 put A, B and C in one cluster. The numbers come from ``rules/supervision/policy.yaml``.
+
+Clusters are kept, not recomputed: a case joins (and may merge) clusters when it arrives or its
+category or street changes, and keeps its cluster key. A cluster does not split when one of its
+cases is closed — it is still one problem; closed cases only stop counting.
 """
 
 import re
@@ -16,6 +20,22 @@ _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
 def bigrams(text: str) -> frozenset:
     compact = _NOT_WORD.sub("", (text or "").lower())
     return frozenset(compact[i : i + 2] for i in range(len(compact) - 1)) or frozenset([compact])
+
+
+def cluster_key(category: str | None, street: str | None, first_case_id: str) -> str:
+    """A cluster is named after its first case; a case alone is a cluster of one."""
+    return f"cluster:{category}:{street}:{first_case_id}"
+
+
+def clusters_to_join(words: frozenset, peers, threshold: float) -> list[str]:
+    """The keys of the clusters a new case belongs to: those with a case similar enough to it.
+    ``peers`` are ``(cluster key, words)`` of the unresolved cases it may cluster with; once one
+    case of a cluster matches, the rest of that cluster is skipped (a big cluster costs little)."""
+    joined: list[str] = []
+    for key, peer_words in peers:
+        if key not in joined and similarity(words, peer_words) >= threshold:
+            joined.append(key)
+    return joined
 
 
 def similarity(a: frozenset, b: frozenset) -> float:
@@ -34,7 +54,8 @@ class Member:
 
 
 def clusters(members: list[Member], window_days: int, threshold: float) -> dict[str, tuple[str, list[str]]]:
-    """``case_id -> (cluster key, member case ids)``; a case alone is a cluster of one."""
+    """``case_id -> (cluster key, member case ids)``, all at once (the migration that introduced
+    kept clusters uses it; new cases join clusters one at a time, projection.place_in_cluster)."""
     parent = {m.case_id: m.case_id for m in members}
 
     def find(x):
@@ -62,7 +83,7 @@ def clusters(members: list[Member], window_days: int, threshold: float) -> dict[
     result = {}
     for component in components.values():
         root = component[0]  # the earliest case names the cluster, so its key is stable
-        key = f"cluster:{root.category}:{root.street}:{root.case_id}"
+        key = cluster_key(root.category, root.street, root.case_id)
         ids = [m.case_id for m in component]
         for member in component:
             result[member.case_id] = (key, ids)

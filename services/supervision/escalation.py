@@ -26,9 +26,12 @@ LIFECYCLE = ("proposed", "scheduled", "under_supervision", "concluded")
 
 def apply(session, to_apply: list[Decision], now) -> list[Decision]:
     """Carry out the decisions not taken before; returns those newly taken."""
-    taken = []
+    taken, known = [], _already_taken(session, to_apply)
     for decision in to_apply:
-        first_time = insert_ignoring_duplicates(
+        growing_cluster = decision.scope == "cluster" and decision.action in AGENDA_KIND
+        if decision.key in known and not growing_cluster:
+            continue  # most of a sweep's decisions: taken on an earlier pass
+        first_time = decision.key not in known and insert_ignoring_duplicates(
             session,
             decisions,
             dict(
@@ -65,6 +68,23 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
         _announce(session, decision, agenda_id)
         taken.append(decision)
     return taken
+
+
+def _already_taken(session, to_apply: list[Decision]) -> set:
+    """The keys of these decisions already recorded, looked up together (the unique key still
+    decides between two replicas racing to take the same one)."""
+    known: set = set()
+    subjects = sorted({d.subject_id for d in to_apply})
+    for start in range(0, len(subjects), 1000):
+        known.update(
+            tuple(row)
+            for row in session.execute(
+                select(decisions.c.rule_id, decisions.c.action, decisions.c.subject_id, decisions.c.dedupe_key).where(
+                    decisions.c.subject_id.in_(subjects[start : start + 1000])
+                )
+            )
+        )
+    return known
 
 
 def _departments(session, case_ids) -> list[str]:
@@ -172,6 +192,8 @@ def _ensure_item(session, decision: Decision, now) -> tuple[str, list]:
         )
     )
     new_cases = [c for c in decision.case_ids if c in added_now]
+    if new_cases:  # on_agenda changed for them: the next incremental sweep looks at them again
+        session.execute(update(case_projection).where(case_projection.c.case_id.in_(new_cases)).values(changed_at=now))
     return existing, new_cases
 
 

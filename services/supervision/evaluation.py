@@ -3,23 +3,28 @@
 Facts are computed here from supervision's own projection (never another service's tables); what
 they lead to is decided by durable_rules through the ruleset. Nothing is changed here: the
 decisions are returned, and ``escalation.apply`` carries them out (``rules simulate`` does not).
+
+Cases are read a whole cluster at a time, in one streamed query that also brings each case's
+nearest open deadline, whether it is on the agenda and its cluster's unresolved count, so the
+cost per case is a few microseconds whatever the number of open cases (bench/sweep.py).
 """
 
+import itertools
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 
 import eventlet
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, exists, func, select, true
 
 from services.common.rules.ruleset import Ruleset
 from services.common.timeutil import iso
 from services.common.workdays import WorkingCalendar, cst_date
-from services.supervision.clusters import Member, bigrams, clusters
 from services.supervision.models import agenda_cases, case_projection, referral_projection
 from services.supervision.sweeping import shard_filter
 
 OPEN_REFERRAL = ("referred", "accepted")
 YIELD_EVERY = 200  # cases between cooperative yields: a long sweep must not starve AMQP heartbeats
+ROWS_PER_FETCH = 2000  # rows streamed from the database at a time: memory stays flat
 
 
 @dataclass
@@ -41,8 +46,9 @@ class Decision:
 
 
 def case_facts(
-    case, open_referrals, on_agenda: bool, similar_count: int, now: datetime, calendar: WorkingCalendar
+    case, nearest_due, on_agenda: bool, similar_count: int, now: datetime, calendar: WorkingCalendar
 ) -> dict:
+    """The facts of one case; ``nearest_due`` is the earliest deadline among its open referrals."""
     today = cst_date(now)
     facts = {
         "status": case.status,
@@ -67,127 +73,138 @@ def case_facts(
     }
     if case.first_referred_at:
         facts["working_days_since_referral"] = calendar.working_days_between(cst_date(case.first_referred_at), today)
-    if open_referrals:
-        to_deadline = min(calendar.working_days_between(today, cst_date(r.due_at)) for r in open_referrals)
+    if nearest_due:
+        # Working days only grow with the end date, so the nearest deadline gives the fewest.
+        to_deadline = calendar.working_days_between(today, cst_date(nearest_due))
         facts["working_days_to_deadline"] = to_deadline
         facts["working_days_overdue"] = max(0, -to_deadline)
     return facts
 
 
-def _candidates(session, case_ids, window_days: int, shard=None):
-    """The unresolved cases to evaluate, and the unresolved cases they may cluster with."""
-    unresolved = case_projection.c.status != "closed"
-    if case_ids is None:
-        query = select(case_projection).where(unresolved)
-        if shard is not None:  # a shard holds whole clusters: its cases are their own peers
-            query = query.where(shard_filter(shard))
-        rows = session.execute(query).all()
-        return rows, rows
-    targets = session.execute(select(case_projection).where(case_projection.c.case_id.in_(case_ids), unresolved)).all()
-    if not targets:
-        return [], []
-    window = timedelta(days=window_days)
-    peers_filter = (
-        or_(
-            *[
-                and_(
-                    case_projection.c.category == t.category,
-                    case_projection.c.street == t.street,
-                    case_projection.c.received_at >= t.received_at - window,
-                    case_projection.c.received_at <= t.received_at + window,
-                )
-                for t in targets
-                if t.category and t.street
-            ]
+def _case_rows(session, which):
+    """Unresolved cases meeting ``which``, each with the facts that live in other tables, ordered
+    so that a cluster's cases come together (and its count is over the cluster, not the page)."""
+    c = case_projection.c
+    nearest_due = (
+        select(func.min(referral_projection.c.due_at))
+        .where(referral_projection.c.case_id == c.case_id, referral_projection.c.status.in_(OPEN_REFERRAL))
+        .scalar_subquery()
+    )
+    on_agenda = exists().where(agenda_cases.c.case_id == c.case_id)
+    query = (
+        select(
+            c.case_id,
+            c.status,
+            c.kind,
+            c.category,
+            c.street,
+            c.source,
+            c.title,
+            c.departments,
+            c.lead_department,
+            c.first_referred_at,
+            c.returns,
+            c.extensions,
+            c.reopen_count,
+            c.unsatisfied_count,
+            c.last_rating,
+            c.residents_affected,
+            c.cluster_key,
+            nearest_due.label("nearest_due"),
+            on_agenda.label("on_agenda"),
+            func.count().over(partition_by=c.cluster_key).label("similar"),
         )
-        if any(t.category and t.street for t in targets)
-        else None
+        .where(c.status != "closed", which)
+        .order_by(c.cluster_key, c.received_at, c.case_id)
     )
-    peers = (
-        session.execute(select(case_projection).where(unresolved, peers_filter)).all()
-        if peers_filter is not None
-        else []
-    )
-    by_id = {row.case_id: row for row in [*peers, *targets]}
-    return targets, list(by_id.values())
+    return session.execute(query.execution_options(yield_per=ROWS_PER_FETCH))
 
 
-def _clusters(members, settings) -> dict:
-    return clusters(
-        [
-            Member(m.case_id, m.category, m.street, m.received_at, bigrams(f"{m.title}\n{m.description or ''}"))
-            for m in members
-        ],
-        settings["cluster_window_days"],
-        settings["cluster_similarity"],
-    )
+def _clusters_of(condition):
+    """Every case of the clusters that have a case meeting ``condition`` (closed ones included:
+    a case closing changes its cluster's count)."""
+    return case_projection.c.cluster_key.in_(select(case_projection.c.cluster_key).where(condition))
 
 
 def evaluate(
-    session, ruleset: Ruleset, calendar: WorkingCalendar, now: datetime, case_ids=None, shard=None
+    session,
+    ruleset: Ruleset,
+    calendar: WorkingCalendar,
+    now: datetime,
+    case_ids=None,
+    shard=None,
+    changed_since=None,
 ) -> tuple[int, list]:
-    """``(cases evaluated, decisions)`` for the given cases (default: every unresolved case, or
-    those of one sweep shard)."""
-    settings = ruleset.settings
-    targets, members = _candidates(session, case_ids, settings["cluster_window_days"], shard)
-    if not targets:
-        return 0, []
-    grouped = _clusters(members, settings)
-    target_ids = [t.case_id for t in targets]
-    open_referrals: dict = {}
-    on_agenda = set()
-    for start in range(0, len(target_ids), 1000):
-        chunk = target_ids[start : start + 1000]
+    """``(cases evaluated, decisions)`` at ``now``: for the given cases, or else every unresolved
+    case (of one sweep shard, when given; only the clusters with a case changed since
+    ``changed_since``, when given)."""
+    if case_ids is not None:
+        targets = set(case_ids)
+        if not targets:
+            return 0, []
+        which = _clusters_of(case_projection.c.case_id.in_(targets))
+    else:
+        targets = None
+        which = shard_filter(shard) if shard is not None else true()
+        if changed_since is not None:
+            which = and_(which, _clusters_of(and_(which, case_projection.c.changed_at >= changed_since)))
+    evaluated, decisions, reminders = 0, {}, []
+    rows = _case_rows(session, which)
+    for cluster, members in itertools.groupby(rows, key=lambda row: row.cluster_key):
+        members = list(members)
+        member_ids = [m.case_id for m in members]
+        for case in members:
+            if targets is not None and case.case_id not in targets:
+                continue
+            evaluated += 1
+            if evaluated % YIELD_EVERY == 0:
+                eventlet.sleep(0)
+            facts = case_facts(case, case.nearest_due, case.on_agenda, case.similar, now, calendar)
+            for rule in ruleset.fire("escalate", facts):
+                for action, params in rule.actions:
+                    scope = params.get("scope", "case")
+                    subject, ids = (cluster, member_ids) if scope == "cluster" else (case.case_id, [case.case_id])
+                    # A new deadline (after an extension) is a new reminder.
+                    dedupe = (iso(case.nearest_due) or "") if action == "remind_department" else ""
+                    decision = Decision(rule.id, action, scope, subject, ids, dedupe, facts, ruleset.version, now)
+                    if decision.key not in decisions:
+                        decisions[decision.key] = decision
+                        if action == "remind_department":
+                            reminders.append((decision, case.nearest_due))
+    _add_reminded_referrals(session, reminders)
+    return evaluated, list(decisions.values())
+
+
+def _add_reminded_referrals(session, reminders) -> None:
+    """A reminder names the referrals due first; looked up only for the cases reminded."""
+    for start in range(0, len(reminders), 1000):
+        chunk = reminders[start : start + 1000]
+        by_case: dict = {}
         for r in session.execute(
             select(referral_projection).where(
-                referral_projection.c.case_id.in_(chunk), referral_projection.c.status.in_(OPEN_REFERRAL)
+                referral_projection.c.case_id.in_([d.case_ids[0] for d, _ in chunk]),
+                referral_projection.c.status.in_(OPEN_REFERRAL),
             )
         ).all():
-            open_referrals.setdefault(r.case_id, []).append(r)
-        on_agenda.update(session.scalars(select(agenda_cases.c.case_id).where(agenda_cases.c.case_id.in_(chunk))))
-
-    decisions: dict = {}
-    for index, case in enumerate(targets):
-        if index % YIELD_EVERY == YIELD_EVERY - 1:
-            eventlet.sleep(0)
-        cluster_key, cluster_ids = grouped[case.case_id]
-        refs = open_referrals.get(case.case_id, [])
-        facts = case_facts(case, refs, case.case_id in on_agenda, len(cluster_ids), now, calendar)
-        for rule in ruleset.fire("escalate", facts):
-            for action, params in rule.actions:
-                scope = params.get("scope", "case")
-                subject, ids = (cluster_key, cluster_ids) if scope == "cluster" else (case.case_id, [case.case_id])
-                dedupe, details = "", {}
-                if action == "remind_department":
-                    due = min(r.due_at for r in refs) if refs else None
-                    dedupe = iso(due) or ""  # a new deadline (after an extension) is a new reminder
-                    details["referrals"] = [
-                        {
-                            "referral_id": r.referral_id,
-                            "department": r.department,
-                            "department_name": r.department_name,
-                            "due_at": iso(r.due_at),
-                        }
-                        for r in refs
-                        if r.due_at == due
-                    ]
-                decision = Decision(rule.id, action, scope, subject, ids, dedupe, facts, ruleset.version, now, details)
-                decisions.setdefault(decision.key, decision)
-    return len(targets), list(decisions.values())
+            by_case.setdefault(r.case_id, []).append(r)
+        for decision, due in chunk:
+            decision.details["referrals"] = [
+                {
+                    "referral_id": r.referral_id,
+                    "department": r.department,
+                    "department_name": r.department_name,
+                    "due_at": iso(r.due_at),
+                }
+                for r in by_case.get(decision.case_ids[0], [])
+                if r.due_at == due
+            ]
 
 
 def facts_of(session, ruleset: Ruleset, calendar: WorkingCalendar, now: datetime, case_id: str) -> dict:
     """The facts one case presents at ``now`` (for ``rules explain``)."""
-    settings = ruleset.settings
-    targets, members = _candidates(session, [case_id], settings["cluster_window_days"])
-    if not targets:  # a closed case: no cluster, no open referrals
-        case = session.execute(select(case_projection).where(case_projection.c.case_id == case_id)).first()
-        return case_facts(case, [], False, 1, now, calendar)
-    grouped = _clusters(members, settings)
-    refs = session.execute(
-        select(referral_projection).where(
-            referral_projection.c.case_id == case_id, referral_projection.c.status.in_(OPEN_REFERRAL)
-        )
-    ).all()
-    on_agenda = session.scalar(select(agenda_cases.c.case_id).where(agenda_cases.c.case_id == case_id).limit(1))
-    return case_facts(targets[0], refs, on_agenda is not None, len(grouped[case_id][1]), now, calendar)
+    for case in _case_rows(session, _clusters_of(case_projection.c.case_id == case_id)):
+        if case.case_id == case_id:
+            return case_facts(case, case.nearest_due, case.on_agenda, case.similar, now, calendar)
+    # A closed case: no cluster to count in, no open referrals.
+    case = session.execute(select(case_projection).where(case_projection.c.case_id == case_id)).first()
+    return case_facts(case, None, False, 1, now, calendar)

@@ -29,7 +29,15 @@ case_projection = Table(
     Column("reopen_count", Integer, nullable=False, server_default="0"),
     Column("unsatisfied_count", Integer, nullable=False, server_default="0"),
     Column("last_rating", String(8)),
+    # Similar cases (类案) share a cluster key, kept as cases arrive (clusters.py), so evaluating
+    # a case never re-compares texts; the key names the cluster's first case.
+    Column("cluster_key", String(120)),
+    # When supervision last changed this row (its own clock, not the event's): an incremental
+    # sweep re-evaluates only the clusters with a case changed since its previous pass.
+    Column("changed_at", UTCDateTime),
     Index("ix_supervision_cases_shard", "street", "category"),  # a sweep shard's cases
+    Index("ix_supervision_cases_cluster", "cluster_key"),
+    Index("ix_supervision_cases_changed", "changed_at"),
 )
 
 referral_projection = Table(
@@ -143,6 +151,12 @@ sweep_shards = Table(
     Column("swept_at", UTCDateTime),
     Column("swept_by", String(100)),
     Column("evaluated", Integer),
+    # The time-based facts (working days to a deadline, overdue, since referral) change only when
+    # the date in China does, so a shard is swept whole once a day and whenever the rules change;
+    # in between, a pass takes only the clusters changed since the last pass started.
+    Column("started_at", UTCDateTime),  # when the last completed pass began
+    Column("whole_on", String(10)),  # the China date of the last whole pass (2026-11-25)
+    Column("whole_version", String(12)),  # and the ruleset version it used
 )
 
 outbox = outbox_table(metadata, "supervision")

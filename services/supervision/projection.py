@@ -7,13 +7,15 @@ overtake the ``case_received`` from intake (different queues): the case row is t
 from what routing's event carries and completed when intake's event arrives.
 """
 
-from datetime import datetime
+from datetime import datetime, timedelta
+from types import SimpleNamespace
 
 from sqlalchemy import select, update
 
 from services.common.http import NotFound
-from services.common.timeutil import iso
+from services.common.timeutil import iso, now
 from services.common.upsert import insert_ignoring_duplicates
+from services.supervision.clusters import bigrams, cluster_key, clusters_to_join
 from services.supervision.models import case_projection, referral_projection, sweep_shards, timeline
 
 ROUTING_EVENTS = (
@@ -84,6 +86,8 @@ def _ensure_case(session, event: dict, at: datetime):
             street=event.get("street"),
             received_at=at,
             updated_at=at,
+            changed_at=now(),
+            cluster_key=cluster_key(event.get("category"), event.get("street"), event["case_id"]),
             departments=[],
             returns=0,
             extensions=0,
@@ -93,8 +97,9 @@ def _ensure_case(session, event: dict, at: datetime):
     )
 
 
-def record_case_received(session, event: dict) -> bool:
-    """Project a ``case_received`` event; False when this event was already recorded."""
+def record_case_received(session, event: dict, settings: dict) -> bool:
+    """Project a ``case_received`` event; False when this event was already recorded.
+    ``settings`` are the supervision policy's (the cluster window and similarity)."""
     received_at = datetime.fromisoformat(event["received_at"])
     if not _record(session, "case_received", event, received_at):
         return False
@@ -111,11 +116,23 @@ def record_case_received(session, event: dict) -> bool:
             kind=case_projection.c.kind if event.get("kind") is None else event["kind"],
             category=case_projection.c.category if event.get("category") is None else event["category"],
             street=case_projection.c.street if event.get("street") is None else event["street"],
+            changed_at=now(),
         )
-        .returning(case_projection.c.street, case_projection.c.category)  # as stored, for its shard
+        .returning(*CLUSTERING)  # as stored, for its shard and cluster
     ).one()
     register_shard(session, case.street, case.category)
+    place_in_cluster(session, case, settings)
     return True
+
+
+CLUSTERING = (
+    case_projection.c.case_id,
+    case_projection.c.category,
+    case_projection.c.street,
+    case_projection.c.received_at,
+    case_projection.c.title,
+    case_projection.c.description,
+)
 
 
 def register_shard(session, street: str | None, category: str | None) -> None:
@@ -123,7 +140,48 @@ def register_shard(session, street: str | None, category: str | None) -> None:
     insert_ignoring_duplicates(session, sweep_shards, dict(street=street or "", category=category or ""))
 
 
-def record_routing_event(session, event: dict) -> bool:
+def place_in_cluster(session, case, settings: dict) -> str:
+    """Put a case into the cluster of the unresolved cases similar to it (clusters.py), merging
+    the clusters it bridges; alone, it starts its own. Returns its cluster key."""
+    key = cluster_key(case.category, case.street, case.case_id)
+    if case.category and case.street:
+        # One arrival at a time per street and category: two similar cases arriving together
+        # must see each other. The shard's row is the lock (registered just before).
+        session.execute(
+            select(sweep_shards.c.street)
+            .where(sweep_shards.c.street == case.street, sweep_shards.c.category == case.category)
+            .with_for_update()
+        )
+        window = timedelta(days=settings["cluster_window_days"])
+        peers = session.execute(
+            select(case_projection.c.cluster_key, case_projection.c.title, case_projection.c.description)
+            .where(
+                case_projection.c.category == case.category,
+                case_projection.c.street == case.street,
+                case_projection.c.status != "closed",
+                case_projection.c.case_id != case.case_id,
+                case_projection.c.received_at.between(case.received_at - window, case.received_at + window),
+            )
+            .order_by(case_projection.c.received_at, case_projection.c.case_id)
+        )
+        joined = clusters_to_join(
+            bigrams(f"{case.title}\n{case.description or ''}"),
+            ((p.cluster_key, bigrams(f"{p.title}\n{p.description or ''}")) for p in peers),
+            settings["cluster_similarity"],
+        )
+        if joined:
+            key = joined[0]  # the cluster with the earliest similar case keeps its name
+            if joined[1:]:  # this case bridges clusters: they become one
+                session.execute(
+                    update(case_projection)
+                    .where(case_projection.c.cluster_key.in_(joined[1:]))
+                    .values(cluster_key=key, changed_at=now())
+                )
+    session.execute(update(case_projection).where(case_projection.c.case_id == case.case_id).values(cluster_key=key))
+    return key
+
+
+def record_routing_event(session, event: dict, settings: dict) -> bool:
     """Project one of routing's events; False when it was already recorded."""
     event_type = event["event_type"]
     at = _at(event)
@@ -135,7 +193,7 @@ def record_routing_event(session, event: dict) -> bool:
     case = session.execute(
         select(case_projection).where(case_projection.c.case_id == case_id).with_for_update()
     ).first()
-    values = {"updated_at": at}
+    values = {"updated_at": at, "changed_at": now()}
     if event_type in CASE_STATUS:
         values["status"] = CASE_STATUS[event_type]
     if event_type == "case_referred":
@@ -181,6 +239,8 @@ def record_routing_event(session, event: dict) -> bool:
     session.execute(update(case_projection).where(case_projection.c.case_id == case_id).values(**values))
     if "category" in values:
         register_shard(session, case.street, values["category"])
+        if values["category"] != case.category:  # reclassified: another shard, another cluster
+            place_in_cluster(session, SimpleNamespace(**{**case._mapping, "category": values["category"]}), settings)
 
     referral_values = {}
     if event_type in REFERRAL_STATUS:

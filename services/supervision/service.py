@@ -25,6 +25,7 @@ from services.common.rules.provider import Rules, with_calendar
 from services.common.rules.ruleset import RulesetInvalid
 from services.common.timeutil import iso, now
 from services.common.upsert import insert_ignoring_duplicates
+from services.common.workdays import cst_date
 from services.supervision import escalation, evaluation, projection, sweeping
 from services.supervision import rules as supervision_rules
 from services.supervision.models import outbox, rule_versions
@@ -66,11 +67,13 @@ class SupervisionService(ServiceBase):
 
     # --- evaluation ---------------------------------------------------------------------------
 
-    def _evaluate_and_apply(self, moment: datetime, case_ids=None, shard=None) -> dict:
+    def _evaluate_and_apply(self, moment: datetime, case_ids=None, shard=None, changed_since=None) -> dict:
         loaded = self.rules.get()
         self._record_rule_version()
         with snapshot(self.db) as session:
-            evaluated, decided = evaluation.evaluate(session, loaded.rules, loaded.calendar, moment, case_ids, shard)
+            evaluated, decided = evaluation.evaluate(
+                session, loaded.rules, loaded.calendar, moment, case_ids, shard, changed_since
+            )
         decided.sort(key=lambda d: d.key)  # one order everywhere: concurrent sweeps never deadlock
         taken = []
         for start in range(0, len(decided), APPLY_BATCH):
@@ -85,6 +88,19 @@ class SupervisionService(ServiceBase):
             "decisions": decision_summary(taken),
             "repeated": len(decided) - len(taken),
         }
+
+    def _sweep_whole(self, moment: datetime) -> dict:
+        """Every unresolved case, a shard at a time (memory stays that of the largest shard)."""
+        with self.db() as session:
+            shards = sweeping.open_shards(session)
+        total = {"now": iso(moment), "evaluated": 0, "decisions": [], "repeated": 0}
+        for shard in shards:
+            result = self._evaluate_and_apply(moment, shard=shard)
+            total["evaluated"] += result["evaluated"]
+            total["decisions"] += result["decisions"]
+            total["repeated"] += result["repeated"]
+        total["ruleset_version"] = self.rules.get().rules.version
+        return total
 
     def _record_rule_version(self):
         holder = self.rules
@@ -106,8 +122,9 @@ class SupervisionService(ServiceBase):
 
     @reliable_event_handler("intake", "case_received")
     def on_case_received(self, event):
+        settings = self.rules.get().rules.settings
         with self.db.begin() as session:
-            fresh = projection.record_case_received(session, event)
+            fresh = projection.record_case_received(session, event, settings)
         if fresh:
             self._evaluate_and_apply(now(), [event["case_id"]])
 
@@ -124,29 +141,34 @@ class SupervisionService(ServiceBase):
     @reliable_event_handler("routing", "case_reopened")
     @reliable_event_handler("routing", "case_closed")
     def on_routing_event(self, event):
+        settings = self.rules.get().rules.settings
         with self.db.begin() as session:
-            fresh = projection.record_routing_event(session, event)
+            fresh = projection.record_routing_event(session, event, settings)
         if fresh:
             self._evaluate_and_apply(now(), [event["case_id"]])
 
     @timer(interval=5)
     def periodic_sweep(self):
         """The time-based rules (催办, 逾期) need a sweep. Replicas share it: each takes the shards
-        (street × category) that are due and not leased, one at a time (sweeping.py)."""
+        (street × category) that are due and not leased, one at a time, whole on the first pass
+        of the day or of new rules, else only the clusters changed since (sweeping.py)."""
         self.rules.refresh()
-        settings = self.rules.get().rules.settings
-        interval, lease = settings["sweep_interval_seconds"], settings["sweep_lease_seconds"]
+        ruleset = self.rules.get().rules
+        interval, lease = ruleset.settings["sweep_interval_seconds"], ruleset.settings["sweep_lease_seconds"]
         me = self.state.setdefault("replica", sweeping.replica_name())
         evaluated, decided = 0, 0
         while True:
             with self.db.begin() as session:
-                shard = sweeping.claim_shard(session, me, now(), interval, lease)
-            if shard is None:
+                claim = sweeping.claim_shard(session, me, now(), interval, lease)
+            if claim is None:
                 break
-            result = self._evaluate_and_apply(now(), shard=shard)
+            started, today = now(), cst_date(now()).isoformat()
+            since = claim.changed_since(today, ruleset.version)
+            result = self._evaluate_and_apply(started, shard=claim.shard, changed_since=since)
+            whole = (today, ruleset.version) if since is None else None
             with self.db.begin() as session:
-                if not sweeping.release_shard(session, shard, me, now(), result["evaluated"]):
-                    log.warning("sweep: the lease on %s ran out mid-sweep; raise sweep_lease_seconds", shard)
+                if not sweeping.release_shard(session, claim.shard, me, now(), result["evaluated"], started, whole):
+                    log.warning("sweep: the lease on %s ran out mid-sweep; raise sweep_lease_seconds", claim.shard)
             evaluated, decided = evaluated + result["evaluated"], decided + len(result["decisions"])
         if decided:
             log.info("sweep by %s: %s cases, %s new decisions", me, evaluated, decided)
@@ -155,7 +177,7 @@ class SupervisionService(ServiceBase):
 
     @rpc(expected_exceptions=EXPECTED)
     def sweep(self, now_iso=None) -> dict:
-        return self._evaluate_and_apply(parse_now(now_iso))
+        return self._sweep_whole(parse_now(now_iso))
 
     @rpc(expected_exceptions=EXPECTED)
     def explain(self, case_id, now_iso=None) -> dict:

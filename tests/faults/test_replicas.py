@@ -29,6 +29,7 @@ from tests.faults.harness import (
 
 CASES = 120
 BACKLOG = 2000 if LONG else 160  # overdue cases for the sweep
+POLICY = {"cluster_window_days": 30, "cluster_similarity": 0.2}  # rules/supervision/policy.yaml
 ESCALATION_EVENTS = "('case_escalated', 'department_reminded', 'supervisors_alerted')"
 
 
@@ -55,7 +56,7 @@ def seed_overdue_backlog(stack, count: int) -> None:
                     "street": street,
                     "received_at": referred.isoformat(),
                 }
-                projection.record_case_received(session, received)
+                projection.record_case_received(session, received, POLICY)
                 deliveries.record_case(session, received)  # notify's table, as its handler would
                 projection.record_routing_event(
                     session,
@@ -76,6 +77,7 @@ def seed_overdue_backlog(stack, count: int) -> None:
                             }
                         ],
                     },
+                    POLICY,
                 )
 
 

@@ -10,10 +10,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from services.common.rules.provider import with_calendar
-from services.common.timeutil import CST
+from services.common.timeutil import CST, now
 from services.supervision import escalation, evaluation, projection, sweeping
 from services.supervision import rules as supervision_rules
-from services.supervision.models import agenda, agenda_cases, decisions, outbox, sweep_shards
+from services.supervision.models import agenda, agenda_cases, case_projection, decisions, outbox, sweep_shards
 from tests.conftest import DEMO_DIRECTORY
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
@@ -42,9 +42,9 @@ def world(db):
             }
             with sessions.begin() as session:
                 if event_type == "case_received":
-                    projection.record_case_received(session, body)
+                    projection.record_case_received(session, body, loaded.rules.settings)
                 else:
-                    projection.record_routing_event(session, body)
+                    projection.record_routing_event(session, body, loaded.rules.settings)
 
         def case(
             self,
@@ -274,16 +274,16 @@ def test_replicas_share_the_sweep_by_shard_without_overlap_and_take_over_a_dead_
             return sweeping.claim_shard(session, owner, when, interval_seconds=60, lease_seconds=30)
 
     a, b, c = claim("a"), claim("b"), claim("a")
-    assert len({a, b, c}) == 3  # never the same shard twice while it is leased
+    assert len({a.shard, b.shard, c.shard}) == 3  # never the same shard twice while it is leased
     with sessions.begin() as session:
-        assert sweeping.release_shard(session, b, "b", t0, 1)
+        assert sweeping.release_shard(session, b.shard, "b", t0, 1)
     d = claim("b")
-    assert d not in (a, b, c) and claim("b") is None  # b was just swept; a and c are leased
+    assert d.shard not in (a.shard, b.shard, c.shard) and claim("b") is None  # b was just swept; a and c are leased
     later = t0 + timedelta(seconds=31)  # "a" died holding a and c; its leases have run out
-    assert {claim("b", later), claim("b", later)} == {a, c}
+    assert {claim("b", later).shard, claim("b", later).shard} == {a.shard, c.shard}
     with sessions.begin() as session:
-        assert not sweeping.release_shard(session, a, "a", later, 0)  # the dead replica lost it
-        assert sweeping.release_shard(session, a, "b", later, 6)
+        assert not sweeping.release_shard(session, a.shard, "a", later, 0)  # the dead replica lost it
+        assert sweeping.release_shard(session, a.shard, "b", later, 6)
 
 
 def test_sweeping_shard_by_shard_decides_what_one_whole_sweep_decides(world):
@@ -303,3 +303,62 @@ def test_sweeping_shard_by_shard_decides_what_one_whole_sweep_decides(world):
         ]
     assert len(whole) > 20  # the cluster's decisions are among them
     assert sorted(by_shard) == sorted(d.key for d in whole)
+
+
+def cluster_keys(world, *case_ids) -> dict:
+    with world.sessionmaker() as session:
+        rows = session.execute(
+            select(case_projection.c.case_id, case_projection.c.cluster_key).where(
+                case_projection.c.case_id.in_(case_ids)
+            )
+        ).all()
+    return dict(rows)
+
+
+def test_clusters_are_kept_a_bridging_case_merges_two_and_a_closed_case_splits_none(world):
+    world.case("A-1", title="海吉星市场交通拥堵", category="traffic", street="pinghu")
+    world.case("B-1", title="布吉农批路口积水严重", category="traffic", street="pinghu")
+    keys = cluster_keys(world, "A-1", "B-1")
+    assert keys["A-1"] != keys["B-1"]  # not similar to each other
+    world.case("C-1", title="海吉星市场交通拥堵，布吉农批路口积水严重", category="traffic", street="pinghu")
+    keys = cluster_keys(world, "A-1", "B-1", "C-1")
+    assert set(keys.values()) == {"cluster:traffic:pinghu:A-1"}  # named after its first case
+    world.event("case_closed", "C-1")
+    facts, _ = world.explain("A-1", "2026-09-30T09:00:00")
+    assert facts["similar_unresolved_count"] == 2  # still one problem; the closed case stops counting
+    world.event("case_needs_triage", "B-1", category="environment")  # reclassified: another cluster
+    assert cluster_keys(world, "B-1")["B-1"] == "cluster:environment:pinghu:B-1"
+    facts, _ = world.explain("A-1", "2026-09-30T09:00:00")
+    assert facts["similar_unresolved_count"] == 1
+
+
+def test_an_incremental_pass_evaluates_only_the_clusters_changed_since_the_last(world):
+    for i, title in enumerate(HAIJIXING[:3]):
+        world.case(f"H-{i}", title=title, category="traffic", street="pinghu")
+    world.case("L-1", title="丹竹头社区路灯不亮", category="traffic", street="pinghu")
+    world.case("L-2", title="南湾街道垃圾清运不及时", category="traffic", street="pinghu")
+    shard, when = ("pinghu", "traffic"), at("2026-10-19T09:00:00")
+
+    def evaluated(changed_since):
+        with world.sessionmaker() as session:
+            return evaluation.evaluate(
+                session, loaded.rules, loaded.calendar, when, shard=shard, changed_since=changed_since
+            )[0]
+
+    loaded = with_calendar(supervision_rules.load)(RULES_DIR)
+    assert evaluated(None) == 5  # a whole pass
+    after_first_pass = now()
+    assert evaluated(after_first_pass) == 0  # nothing changed: nothing to evaluate
+    world.event("referral_returned", "H-1", referral_id="H-1-R1", department="cgj", reason="x")
+    assert evaluated(after_first_pass) == 3  # H-1's whole cluster (its count may matter to the others)
+    world.event("case_closed", "L-2")
+    assert evaluated(after_first_pass) == 3  # a closed case is not evaluated; its cluster has no other case
+
+
+def test_a_shard_is_swept_whole_on_a_new_day_or_with_new_rules_and_incrementally_otherwise():
+    started = datetime(2026, 10, 19, 9, 0, tzinfo=CST)
+    claim = sweeping.Claim("pinghu", "traffic", started, "2026-10-19", "v1")
+    assert claim.changed_since("2026-10-19", "v1") == started - sweeping.OVERLAP
+    assert claim.changed_since("2026-10-20", "v1") is None  # the working-day counts moved on
+    assert claim.changed_since("2026-10-19", "v2") is None  # other rules may decide otherwise
+    assert sweeping.Claim("pinghu", "traffic", None, None, None).changed_since("2026-10-19", "v1") is None

@@ -42,11 +42,11 @@ def test_an_event_whose_handler_fails_once_is_handled_on_the_retry(submit, rpc, 
 
     real, calls = projection.record_routing_event, []
 
-    def flaky(session, event):
+    def flaky(session, event, settings):
         calls.append(event["event_type"])
         if calls.count("case_referred") == 1 and event["event_type"] == "case_referred":
             raise RuntimeError("database hiccup")
-        return real(session, event)
+        return real(session, event, settings)
 
     monkeypatch.setattr(projection, "record_routing_event", flaky)
     case_id = submit("E-1")
@@ -59,7 +59,7 @@ def test_an_event_that_keeps_failing_is_parked_with_its_reason(submit, rpc, monk
     from services.supervision import projection
 
     monkeypatch.setattr(events, "MAX_ATTEMPTS", 2)
-    monkeypatch.setattr(projection, "record_routing_event", lambda session, event: 1 / 0)
+    monkeypatch.setattr(projection, "record_routing_event", lambda session, event, settings: 1 / 0)
     submit("E-2")
     parked = []
     with Connection(rabbit_config["AMQP_URI"]) as connection:
@@ -86,10 +86,10 @@ def test_a_poison_event_is_parked_while_the_events_around_it_flow(submit, rpc, m
 
     real, poison = projection.record_routing_event, {}
 
-    def fails_for_one_case(session, event):
+    def fails_for_one_case(session, event, settings):
         if event["case_id"] == poison.get("case_id"):
             raise ValueError("this event can never be projected")
-        return real(session, event)
+        return real(session, event, settings)
 
     monkeypatch.setattr(events, "MAX_ATTEMPTS", 3)
     monkeypatch.setattr(projection, "record_routing_event", fails_for_one_case)

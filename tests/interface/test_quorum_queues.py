@@ -114,11 +114,11 @@ def test_a_failing_handler_and_a_failing_ticket_come_back_through_quorum_retry_q
     rpc = stack
     real_record, events = projection.record_routing_event, []
 
-    def flaky_record(session, event):
+    def flaky_record(session, event, settings):
         events.append(event["event_type"])
         if event["event_type"] == "case_referred" and events.count("case_referred") == 1:
             raise RuntimeError("database hiccup")
-        return real_record(session, event)
+        return real_record(session, event, settings)
 
     real_submit, submits = cases.submit, []
 

@@ -203,3 +203,28 @@ def test_engine_agrees_with_plain_python(rules, samples):
 def test_literal_text_with_regex_characters_is_matched_literally(text, expected):
     rules = compiled({"r": {"fact": "text", "contains_any": ["a.b", "50%", "(x)"]}})
     assert (rules.matching({"text": text}) == ["r"]) is expected
+
+
+def test_remembered_answers_are_durables_for_every_combination_of_the_facts_read():
+    from itertools import product
+
+    from services.common.rules.ruleset import Rule, Ruleset
+
+    conditions_by_id = {
+        "overdue-traffic": {"all": [{"fact": "overdue", "eq": True}, {"fact": "category", "eq": "traffic"}]},
+        "long": {"fact": "days", "ge": 5},
+    }
+    rules = []
+    for rule_id, condition in conditions_by_id.items():
+        errors = []
+        rules.append(Rule(rule_id, "s", "", 0, parse(condition, FACTS, errors), [], "f.yaml", 1))
+    ruleset = Ruleset("test", "v1", rules, {})
+    assert ruleset.reads("s") == ("category", "days", "overdue")
+    engine = ruleset.engine("s")
+    for overdue, category, days, street in product([True, False, 1, None], ["traffic", "water"], [1, 5, 5.0], CODES):
+        facts = {"overdue": overdue, "category": category, "days": days, "street": street}
+        # Asked twice: the second answer is the remembered one, and both are durable's own.
+        for _ in range(2):
+            assert [r.id for r in ruleset.fire("s", facts)] == engine.matching(facts), facts
+    assert len(ruleset._fired) == 4 * 2 * 3  # street is read by no rule: it does not multiply the asking
+    ruleset.close()

@@ -28,6 +28,7 @@ from services.common.rules.engine import CompiledRules, RulesEngineError
 from services.common.rules.yamlfile import line_of
 
 MAX_FILES = 200
+FIRED_REMEMBERED = 50_000  # distinct fact combinations remembered per ruleset version
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class Ruleset:
     settings: dict
     files: dict = field(default_factory=dict)  # relative path -> content hash
     _compiled: dict = field(default_factory=dict, repr=False)
+    _reads: dict = field(default_factory=dict, repr=False)  # stage -> the fact names its rules read
+    _fired: dict = field(default_factory=dict, repr=False)  # (stage, those facts' values) -> rule ids
 
     def stage(self, stage: str) -> list[Rule]:
         return [r for r in self.rules if r.stage == stage]
@@ -93,10 +96,34 @@ class Ruleset:
         return self._compiled[stage]
 
     def fire(self, stage: str, facts: dict) -> list[Rule]:
-        """The rules of ``stage`` that durable_rules says hold, highest priority first (then file order)."""
-        fired = set(self.engine(stage).matching(facts))
-        chosen = [r for r in self.stage(stage) if r.id in fired]
-        return sorted(chosen, key=lambda r: -r.priority)
+        """The rules of ``stage`` that durable_rules says hold, highest priority first (then file order).
+
+        durable_rules is asked once per distinct combination of the facts the stage's rules read,
+        and its answer remembered for this version of the rules: a rule can only depend on facts it
+        names, and a sweep of a million cases meets a few thousand combinations, not a million."""
+        key = (stage, self._read_values(stage, facts))
+        chosen = self._fired.get(key)
+        if chosen is None:
+            fired = set(self.engine(stage).matching(facts))
+            chosen = sorted((r for r in self.stage(stage) if r.id in fired), key=lambda r: -r.priority)
+            if len(self._fired) >= FIRED_REMEMBERED:
+                self._fired.clear()  # titles or free text in a condition: combinations need not repeat
+            self._fired[key] = chosen
+        return list(chosen)
+
+    def reads(self, stage: str) -> tuple:
+        """The names of the facts the rules of ``stage`` test."""
+        if stage not in self._reads:
+            names = {leaf["fact"] for rule in self.stage(stage) for leaf in _leaves(rule.condition)}
+            self._reads[stage] = tuple(sorted(names))
+        return self._reads[stage]
+
+    def _read_values(self, stage: str, facts: dict) -> tuple:
+        # The type goes into the key too: True == 1 in Python, not to a rule.
+        return tuple(
+            (type(value), tuple(value) if isinstance(value, list) else value)
+            for value in map(facts.get, self.reads(stage))
+        )
 
     def explain(self, stage: str, facts: dict) -> list[dict]:
         fired = set(self.engine(stage).matching(facts))
@@ -114,6 +141,7 @@ class Ruleset:
         for compiled in self._compiled.values():
             compiled.close()
         self._compiled.clear()
+        self._fired.clear()
 
 
 def settings_checker(folder: str, spec: dict):
