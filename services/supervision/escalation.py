@@ -27,10 +27,16 @@ LIFECYCLE = ("proposed", "scheduled", "under_supervision", "concluded")
 def apply(session, to_apply: list[Decision], now) -> list[Decision]:
     """Carry out the decisions not taken before; returns those newly taken."""
     taken, known = [], _already_taken(session, to_apply)
+    linked = _linked_to_cluster_items(session, [d for d in to_apply if d.key in known])
+    cases = _cases(session, [d for d in to_apply if d.key not in known])
     for decision in to_apply:
-        growing_cluster = decision.scope == "cluster" and decision.action in AGENDA_KIND
+        growing_cluster = (
+            decision.scope == "cluster"
+            and decision.action in AGENDA_KIND
+            and any((AGENDA_KIND[decision.action], decision.rule_id, c) not in linked for c in decision.case_ids)
+        )
         if decision.key in known and not growing_cluster:
-            continue  # most of a sweep's decisions: taken on an earlier pass
+            continue  # most of a sweep's decisions: taken on an earlier pass, nothing new to link
         first_time = decision.key not in known and insert_ignoring_duplicates(
             session,
             decisions,
@@ -49,7 +55,7 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
         )
         agenda_id = None
         if decision.action in AGENDA_KIND and (first_time or decision.scope == "cluster"):
-            agenda_id, new_cases = _ensure_item(session, decision, now)
+            agenda_id, new_cases = _ensure_item(session, decision, now, cases)
             if not first_time and new_cases:
                 add_event(session, outbox, "agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases})
         if not first_time:
@@ -65,7 +71,7 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
                 )
                 .values(agenda_id=agenda_id)
             )
-        _announce(session, decision, agenda_id)
+        _announce(session, decision, agenda_id, cases)
         taken.append(decision)
     return taken
 
@@ -87,12 +93,42 @@ def _already_taken(session, to_apply: list[Decision]) -> set:
     return known
 
 
-def _departments(session, case_ids) -> list[str]:
-    rows = session.scalars(select(case_projection.c.departments).where(case_projection.c.case_id.in_(case_ids)))
-    return sorted({d for departments in rows for d in (departments or [])})
+def _linked_to_cluster_items(session, known: list[Decision]) -> set:
+    """``(kind, rule, case)`` for the cases of these clusters already linked to the cluster item
+    of that kind and rule: a cluster whose cases all are has nothing to add."""
+    case_ids = sorted({c for d in known if d.scope == "cluster" and d.action in AGENDA_KIND for c in d.case_ids})
+    linked: set = set()
+    for start in range(0, len(case_ids), 1000):
+        linked.update(
+            tuple(row)
+            for row in session.execute(
+                select(agenda.c.kind, agenda.c.rule_id, agenda_cases.c.case_id)
+                .join(agenda_cases, agenda_cases.c.agenda_id == agenda.c.id)
+                .where(agenda.c.scope == "cluster", agenda_cases.c.case_id.in_(case_ids[start : start + 1000]))
+            )
+        )
+    return linked
 
 
-def _announce(session, decision: Decision, agenda_id):
+def _cases(session, new: list[Decision]) -> dict:
+    """Title, street and departments of the cases these decisions name, read together (for the
+    items' titles and the departments their announcements address)."""
+    case_ids = sorted({c for d in new for c in d.case_ids})
+    c = case_projection.c
+    found = {}
+    for start in range(0, len(case_ids), 1000):
+        for row in session.execute(
+            select(c.case_id, c.title, c.street, c.departments).where(c.case_id.in_(case_ids[start : start + 1000]))
+        ):
+            found[row.case_id] = row
+    return found
+
+
+def _departments(cases: dict, case_ids) -> list[str]:
+    return sorted({d for c in case_ids if c in cases for d in (cases[c].departments or [])})
+
+
+def _announce(session, decision: Decision, agenda_id, cases: dict):
     base = {
         "rule_id": decision.rule_id,
         "ruleset_version": decision.ruleset_version,
@@ -111,31 +147,34 @@ def _announce(session, decision: Decision, agenda_id):
                 "action": decision.action,
                 "kind": AGENDA_KIND[decision.action],
                 "agenda_id": agenda_id,
-                "departments": _departments(session, decision.case_ids),
+                "departments": _departments(cases, decision.case_ids),
             },
         )
     elif decision.action == "remind_department":
         add_event(session, outbox, "department_reminded", base | {"referrals": decision.details.get("referrals", [])})
     elif decision.action == "alert_supervisors":
         add_event(
-            session, outbox, "supervisors_alerted", base | {"departments": _departments(session, decision.case_ids)}
+            session, outbox, "supervisors_alerted", base | {"departments": _departments(cases, decision.case_ids)}
         )
 
 
 def _next_agenda_id(session, now) -> str:
     year = now.astimezone(CST).year
     name = f"agenda-{year}"
-    insert_ignoring_duplicates(session, counters, {"name": name, "last_number": 0})
-    number = session.execute(
+    take_next = (
         update(counters)
         .where(counters.c.name == name)
         .values(last_number=counters.c.last_number + 1)
         .returning(counters.c.last_number)
-    ).scalar_one()
+    )
+    number = session.execute(take_next).scalar()
+    if number is None:  # the year's first item
+        insert_ignoring_duplicates(session, counters, {"name": name, "last_number": 0})
+        number = session.execute(take_next).scalar_one()
     return f"AG-{year}-{number:04d}"
 
 
-def _ensure_item(session, decision: Decision, now) -> tuple[str, list]:
+def _ensure_item(session, decision: Decision, now, cases: dict) -> tuple[str, list]:
     kind = AGENDA_KIND[decision.action]
     existing = None
     if decision.scope == "cluster":
@@ -157,13 +196,15 @@ def _ensure_item(session, decision: Decision, now) -> tuple[str, list]:
                 agenda.c.kind == kind, agenda.c.rule_id == decision.rule_id, agenda.c.subject_id == decision.subject_id
             )
         )
+    linked: set = set()
     if existing is None:
-        title = _title(session, decision, kind)
-        insert_ignoring_duplicates(
+        title = _title(decision, kind, cases)
+        new_id = _next_agenda_id(session, now)
+        created = insert_ignoring_duplicates(
             session,
             agenda,
             dict(
-                id=_next_agenda_id(session, now),
+                id=new_id,
                 kind=kind,
                 status="proposed",
                 rule_id=decision.rule_id,
@@ -175,14 +216,21 @@ def _ensure_item(session, decision: Decision, now) -> tuple[str, list]:
                 updated_at=now,
             ),
         )
-        existing = session.scalar(
-            select(agenda.c.id).where(
-                agenda.c.kind == kind, agenda.c.rule_id == decision.rule_id, agenda.c.subject_id == decision.subject_id
+        existing = (
+            new_id
+            if created
+            else session.scalar(  # another replica made it a moment ago
+                select(agenda.c.id).where(
+                    agenda.c.kind == kind,
+                    agenda.c.rule_id == decision.rule_id,
+                    agenda.c.subject_id == decision.subject_id,
+                )
             )
         )
-    # A cluster's item is met again on every event about any of its cases: look its cases up once
-    # and insert only the new ones, in one statement, instead of a round trip per member.
-    linked = set(session.scalars(select(agenda_cases.c.case_id).where(agenda_cases.c.agenda_id == existing)))
+    else:
+        # A cluster's item is met again on every event about any of its cases: look its cases up
+        # once and insert only the new ones, in one statement, instead of a round trip per member.
+        linked = set(session.scalars(select(agenda_cases.c.case_id).where(agenda_cases.c.agenda_id == existing)))
     added_now = set(
         insert_many_ignoring_duplicates(
             session,
@@ -193,16 +241,16 @@ def _ensure_item(session, decision: Decision, now) -> tuple[str, list]:
     )
     new_cases = [c for c in decision.case_ids if c in added_now]
     if new_cases:  # on_agenda changed for them: the next incremental sweep looks at them again
-        session.execute(update(case_projection).where(case_projection.c.case_id.in_(new_cases)).values(changed_at=now))
+        session.execute(
+            update(case_projection)
+            .where(case_projection.c.case_id.in_(new_cases))
+            .values(on_agenda=True, changed_at=now)
+        )
     return existing, new_cases
 
 
-def _title(session, decision: Decision, kind: str) -> str:
-    first = session.execute(
-        select(case_projection.c.title, case_projection.c.category, case_projection.c.street).where(
-            case_projection.c.case_id == decision.case_ids[0]
-        )
-    ).first()
+def _title(decision: Decision, kind: str, cases: dict) -> str:
+    first = cases.get(decision.case_ids[0])
     title = first.title if first else decision.subject_id
     if decision.scope == "cluster":
         return f"{KIND_NAMES[kind]}：{first.street if first else ''} {len(decision.case_ids)}件类似问题（{title}）"[

@@ -4,9 +4,10 @@ Facts are computed here from supervision's own projection (never another service
 they lead to is decided by durable_rules through the ruleset. Nothing is changed here: the
 decisions are returned, and ``escalation.apply`` carries them out (``rules simulate`` does not).
 
-Cases are read a whole cluster at a time, in one streamed query that also brings each case's
-nearest open deadline, whether it is on the agenda and its cluster's unresolved count, so the
-cost per case is a few microseconds whatever the number of open cases (bench/sweep.py).
+Cases are read a whole cluster at a time, from the projection alone (which keeps each case's
+nearest open deadline and whether it is on the agenda), in one streamed query that also counts
+each cluster's unresolved cases: the cost per case stays a few microseconds whatever the number
+of open cases (bench/sweep.py).
 """
 
 import itertools
@@ -14,15 +15,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import eventlet
-from sqlalchemy import and_, exists, func, select, true
+from sqlalchemy import and_, func, select, text, true
 
 from services.common.rules.ruleset import Ruleset
 from services.common.timeutil import iso
 from services.common.workdays import WorkingCalendar, cst_date
-from services.supervision.models import agenda_cases, case_projection, referral_projection
+from services.supervision.models import case_projection, referral_projection
+from services.supervision.projection import OPEN_REFERRAL
 from services.supervision.sweeping import shard_filter
 
-OPEN_REFERRAL = ("referred", "accepted")
 YIELD_EVERY = 200  # cases between cooperative yields: a long sweep must not starve AMQP heartbeats
 ROWS_PER_FETCH = 2000  # rows streamed from the database at a time: memory stays flat
 
@@ -85,12 +86,6 @@ def _case_rows(session, which):
     """Unresolved cases meeting ``which``, each with the facts that live in other tables, ordered
     so that a cluster's cases come together (and its count is over the cluster, not the page)."""
     c = case_projection.c
-    nearest_due = (
-        select(func.min(referral_projection.c.due_at))
-        .where(referral_projection.c.case_id == c.case_id, referral_projection.c.status.in_(OPEN_REFERRAL))
-        .scalar_subquery()
-    )
-    on_agenda = exists().where(agenda_cases.c.case_id == c.case_id)
     query = (
         select(
             c.case_id,
@@ -110,13 +105,18 @@ def _case_rows(session, which):
             c.last_rating,
             c.residents_affected,
             c.cluster_key,
-            nearest_due.label("nearest_due"),
-            on_agenda.label("on_agenda"),
+            c.nearest_due,
+            c.on_agenda,
             func.count().over(partition_by=c.cluster_key).label("similar"),
         )
         .where(c.status != "closed", which)
         .order_by(c.cluster_key, c.received_at, c.case_id)
     )
+    if session.get_bind().dialect.name == "postgresql":
+        # Streamed rows come from a server-side cursor, which PostgreSQL plans for the first 10 %
+        # of rows by default: it would walk the whole cluster index to skip a sort, reading every
+        # case of every shard for each shard. We read every row, so plan for all of them.
+        session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
     return session.execute(query.execution_options(yield_per=ROWS_PER_FETCH))
 
 

@@ -1,6 +1,19 @@
 """Supervision's own tables: its projection of cases, built only from bus events."""
 
-from sqlalchemy import JSON, Column, ForeignKey, Index, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    false,
+)
 
 from services.common.db import UTCDateTime
 from services.common.outbox import outbox_table
@@ -35,6 +48,10 @@ case_projection = Table(
     # When supervision last changed this row (its own clock, not the event's): an incremental
     # sweep re-evaluates only the clusters with a case changed since its previous pass.
     Column("changed_at", UTCDateTime),
+    # Kept here, not joined at each evaluation, so a sweep reads one table: the earliest deadline
+    # among the case's open referrals, and whether an agenda item links it.
+    Column("nearest_due", UTCDateTime),
+    Column("on_agenda", Boolean, nullable=False, server_default=false()),
     Index("ix_supervision_cases_shard", "street", "category"),  # a sweep shard's cases
     Index("ix_supervision_cases_cluster", "cluster_key"),
     Index("ix_supervision_cases_changed", "changed_at"),
@@ -90,6 +107,7 @@ decisions = Table(
     Column("evaluated_at", UTCDateTime, nullable=False),  # the "now" of the evaluation
     Column("recorded_at", UTCDateTime, nullable=False),
     UniqueConstraint("rule_id", "action", "subject_id", "dedupe_key", name="uq_supervision_decisions_once"),
+    Index("ix_supervision_decisions_subject", "subject_id"),  # what a case or cluster was decided
 )
 
 # The democratic-supervision agenda (民主监督议题库), joint supervision (联合督查督办) and special

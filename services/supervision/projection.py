@@ -10,7 +10,7 @@ from what routing's event carries and completed when intake's event arrives.
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
@@ -37,6 +37,7 @@ CASE_STATUS = {
     "case_reopened": "reopened",
     "case_closed": "closed",
 }
+OPEN_REFERRAL = ("referred", "accepted")  # a deadline that still runs
 REFERRAL_STATUS = {"referral_accepted": "accepted", "referral_returned": "returned", "referral_replied": "replied"}
 EXTENSION = {"extension_requested": "requested", "extension_granted": "granted", "extension_refused": "refused"}
 DETAIL_KEYS = (
@@ -254,6 +255,15 @@ def record_routing_event(session, event: dict, settings: dict) -> bool:
             update(referral_projection)
             .where(referral_projection.c.referral_id == event["referral_id"])
             .values(updated_at=at, **referral_values)
+        )
+    if event_type == "case_referred" or referral_values:
+        nearest_due = (
+            select(func.min(referral_projection.c.due_at))
+            .where(referral_projection.c.case_id == case_id, referral_projection.c.status.in_(OPEN_REFERRAL))
+            .scalar_subquery()
+        )
+        session.execute(
+            update(case_projection).where(case_projection.c.case_id == case_id).values(nearest_due=nearest_due)
         )
     return True
 

@@ -20,13 +20,25 @@ def upgrade() -> None:
     with op.batch_alter_table("supervision_cases", schema=None) as batch_op:
         batch_op.add_column(sa.Column("cluster_key", sa.String(length=120), nullable=True))
         batch_op.add_column(sa.Column("changed_at", UTCDateTime, nullable=True))
+        batch_op.add_column(sa.Column("nearest_due", UTCDateTime, nullable=True))
+        batch_op.add_column(sa.Column("on_agenda", sa.Boolean(), server_default=sa.false(), nullable=False))
         batch_op.create_index("ix_supervision_cases_cluster", ["cluster_key"], unique=False)
         batch_op.create_index("ix_supervision_cases_changed", ["changed_at"], unique=False)
     with op.batch_alter_table("supervision_sweep_shards", schema=None) as batch_op:
         batch_op.add_column(sa.Column("started_at", UTCDateTime, nullable=True))
         batch_op.add_column(sa.Column("whole_on", sa.String(length=10), nullable=True))
         batch_op.add_column(sa.Column("whole_version", sa.String(length=12), nullable=True))
+    with op.batch_alter_table("supervision_decisions", schema=None) as batch_op:
+        batch_op.create_index("ix_supervision_decisions_subject", ["subject_id"], unique=False)
     op.execute("UPDATE supervision_cases SET changed_at = updated_at")
+    op.execute(
+        "UPDATE supervision_cases SET nearest_due = (SELECT min(r.due_at) FROM supervision_referrals r"
+        " WHERE r.case_id = supervision_cases.case_id AND r.status IN ('referred', 'accepted'))"
+    )
+    op.execute(
+        "UPDATE supervision_cases SET on_agenda = EXISTS (SELECT 1 FROM supervision_agenda_cases a"
+        " WHERE a.case_id = supervision_cases.case_id)"
+    )
     _cluster_existing_cases()
 
 
@@ -55,6 +67,8 @@ def _cluster_existing_cases() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("supervision_decisions", schema=None) as batch_op:
+        batch_op.drop_index("ix_supervision_decisions_subject")
     with op.batch_alter_table("supervision_sweep_shards", schema=None) as batch_op:
         batch_op.drop_column("whole_version")
         batch_op.drop_column("whole_on")
@@ -62,5 +76,7 @@ def downgrade() -> None:
     with op.batch_alter_table("supervision_cases", schema=None) as batch_op:
         batch_op.drop_index("ix_supervision_cases_changed")
         batch_op.drop_index("ix_supervision_cases_cluster")
+        batch_op.drop_column("on_agenda")
+        batch_op.drop_column("nearest_due")
         batch_op.drop_column("changed_at")
         batch_op.drop_column("cluster_key")
