@@ -1,6 +1,8 @@
 """Rule evaluations per second, for the default supervision rules on generated case facts:
-through our adapter (``Ruleset.fire``), raw durable_rules asserting and retracting the same facts
-(the C engine, nothing of ours around it), and a plain-Python reading of the same conditions.
+through our adapter as the services use it (``Ruleset.fire``, which asks durable_rules once per
+distinct combination of the facts the rules read), through the adapter asking durable every time
+(``CompiledRules.matching``), raw durable_rules asserting and retracting the same facts (the C
+engine, nothing of ours around it), and a plain-Python reading of the same conditions.
 
     .venv/bin/python -m bench.rules_eval [--facts 20000]
 """
@@ -55,6 +57,25 @@ def generated_facts(count: int, seed: int = 7) -> list[dict]:
     return facts
 
 
+def backlog_facts(count: int, seed: int = 7) -> list[dict]:
+    """Facts as a daily sweep of a large backlog meets them (bench/sweep.py's cases): the numbers
+    the rules read fall in narrow ranges, so combinations repeat."""
+    rng = random.Random(seed)
+    facts = generated_facts(count, seed)
+    for f in facts:
+        f.update(
+            returns=rng.choice([0] * 19 + [1]),
+            unsatisfied_count=rng.choice([0] * 19 + [1]),
+            department_count=1,
+            residents_affected=None,
+            similar_unresolved_count=rng.choice([1] * 7 + list(range(2, 7))),
+            working_days_since_referral=rng.randint(0, 14),
+            working_days_to_deadline=rng.randint(-14, 45),
+        )
+        f["working_days_overdue"] = max(0, -f["working_days_to_deadline"])
+    return facts
+
+
 def rate(run, items) -> float:
     started = time.perf_counter()
     for item in items:
@@ -72,9 +93,14 @@ def main():
     facts = generated_facts(args.facts)
 
     adapter = rate(lambda f: ruleset.fire("escalate", f), facts)
+    engine = ruleset.engine("escalate")
+    adapter_every_time = rate(engine.matching, facts)
+    distinct = len({ruleset._read_values("escalate", f) for f in facts})
+    backlog = backlog_facts(args.facts)
+    adapter_backlog = rate(lambda f: ruleset.fire("escalate", f), backlog)
+    distinct_backlog = len({ruleset._read_values("escalate", f) for f in backlog})
 
     # Raw durable_rules: the same compiled ruleset, facts already encoded as the engine takes them.
-    engine = ruleset.engine("escalate")
     handle = engine._handle
     bodies = []
     for i, f in enumerate(facts):
@@ -107,11 +133,17 @@ def main():
             {
                 "facts": len(facts),
                 "rules": len(rules),
+                "distinct_combinations_of_facts_read": distinct,
                 "adapter_per_s": round(adapter),
+                "adapter_asking_durable_every_time_per_s": round(adapter_every_time),
+                "backlog_facts_distinct_combinations": distinct_backlog,
+                "adapter_on_backlog_facts_per_s": round(adapter_backlog),
+                "adapter_on_backlog_facts_to_raw_durable": round(adapter_backlog / raw_durable, 3),
                 "raw_durable_per_s": round(raw_durable),
                 "plain_python_per_s": round(plain),
                 "adapter_to_raw_durable": round(adapter / raw_durable, 3),
                 "adapter_to_plain_python": round(adapter / plain, 3),
+                "adapter_every_time_to_raw_durable": round(adapter_every_time / raw_durable, 3),
                 "adapter_agrees_with_plain_python": agree,
             },
             indent=2,

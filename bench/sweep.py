@@ -117,8 +117,7 @@ def sweep_pass(db, process, timeout: float, prepare: str) -> dict:
         # The sweep's own time: from the first shard's start to the last shard's end (the wall
         # time above also holds the wait for the service's next timer tick, up to 5 s).
         cursor.execute(
-            "SELECT sum(evaluated), extract(epoch FROM max(swept_at) - min(started_at))"
-            " FROM supervision_sweep_shards"
+            "SELECT sum(evaluated), extract(epoch FROM max(swept_at) - min(started_at)) FROM supervision_sweep_shards"
         )
         evaluated, sweep_seconds = cursor.fetchone()
         cursor.execute("SELECT count(*) FROM supervision_decisions")

@@ -255,6 +255,14 @@ def normalize_number(value):
     return value
 
 
+def leaves(tree):
+    """The single-fact tests of a parsed condition."""
+    if "fact" in tree:
+        yield tree
+    for part in tree.get("all", []) + tree.get("any", []) + ([tree["not"]] if "not" in tree else []):
+        yield from leaves(part)
+
+
 def normalize(facts: dict) -> dict:
     """What the engine and the plain-Python evaluator both compare: missing (None) facts dropped,
     numbers at 0.001, vertical tabs as spaces (durable's classes cannot hold \v)."""

@@ -31,7 +31,7 @@ import uuid
 
 import durable_rules_engine
 
-from services.common.rules.conditions import MARKER, compile_condition, normalize
+from services.common.rules.conditions import MARKER, compile_condition, leaves, normalize
 
 _SESSION = "0"
 _lock = threading.RLock()
@@ -66,6 +66,9 @@ class CompiledRules:
             # durable rule names are its own; ours map back by position.
             definition[f"r{index}"] = {"all": [{"m": expression}]}
         self._names = {f"r{index}": rule_id for index, rule_id in enumerate(rules)}
+        # Only the facts some rule tests go to durable: the rest (titles, say) would only cost
+        # encoding, and parsing again in every action message.
+        self._reads = sorted({leaf["fact"] for tree in rules.values() for leaf in leaves(tree)})
         if not definition:
             return
         try:
@@ -80,7 +83,7 @@ class CompiledRules:
         """Ids of every rule whose condition holds for ``facts``, in rule order."""
         if self._handle is None:
             return []
-        fact = {k: _encode(v) for k, v in normalize(facts).items()}
+        fact = {k: _encode(v) for k, v in normalize({k: facts[k] for k in self._reads if k in facts}).items()}
         fact.update({MARKER: 1, "id": next(self._ids), "sid": _SESSION})
         body = json.dumps(fact, ensure_ascii=False)
         fired = set()

@@ -114,7 +114,7 @@ class Ruleset:
     def reads(self, stage: str) -> tuple:
         """The names of the facts the rules of ``stage`` test."""
         if stage not in self._reads:
-            names = {leaf["fact"] for rule in self.stage(stage) for leaf in _leaves(rule.condition)}
+            names = {leaf["fact"] for rule in self.stage(stage) for leaf in conditions.leaves(rule.condition)}
             self._reads[stage] = tuple(sorted(names))
         return self._reads[stage]
 
@@ -243,16 +243,9 @@ def _compile_now(loaded: Ruleset, stages) -> None:
     raise RulesetInvalid(problems or [Problem(loaded.name, 1, f"durable_rules cannot compile stage(s) {failed}")])
 
 
-def _leaves(tree):
-    if "fact" in tree:
-        yield tree
-    for part in tree.get("all", []) + tree.get("any", []) + ([tree["not"]] if "not" in tree else []):
-        yield from _leaves(part)
-
-
 def _engine_refusal(rule: Rule, exc: Exception) -> str:
     code = str(exc).rsplit("error code:", 1)[-1].strip()
-    for leaf in _leaves(rule.condition):
+    for leaf in conditions.leaves(rule.condition):
         try:
             CompiledRules("check", {"r": leaf}).close()
         except RulesEngineError:
