@@ -170,8 +170,8 @@ sweep_shards = Table(
     Column("swept_by", String(100)),
     Column("evaluated", Integer),
     # The time-based facts (working days to a deadline, overdue, since referral) change only when
-    # the date in China does, so a shard is swept whole once a day and whenever the rules change;
-    # in between, a pass takes only the clusters changed since the last pass started.
+    # a working day begins in China, so a shard is swept whole once a working day and whenever the
+    # rules change; in between, a pass takes only the clusters changed since the last pass began.
     Column("started_at", UTCDateTime),  # when the last completed pass began
     Column("whole_on", String(10)),  # the China date of the last whole pass (2026-11-25)
     Column("whole_version", String(12)),  # and the ruleset version it used

@@ -153,7 +153,8 @@ class SupervisionService(ServiceBase):
         (street × category) that are due and not leased, one at a time, whole on the first pass
         of the day or of new rules, else only the clusters changed since (sweeping.py)."""
         self.rules.refresh()
-        ruleset = self.rules.get().rules
+        loaded = self.rules.get()
+        ruleset = loaded.rules
         interval, lease = ruleset.settings["sweep_interval_seconds"], ruleset.settings["sweep_lease_seconds"]
         me = self.state.setdefault("replica", sweeping.replica_name())
         evaluated, decided = 0, 0
@@ -162,10 +163,11 @@ class SupervisionService(ServiceBase):
                 claim = sweeping.claim_shard(session, me, now(), interval, lease)
             if claim is None:
                 break
-            started, today = now(), cst_date(now()).isoformat()
-            since = claim.changed_since(today, ruleset.version)
+            started = now()
+            today = cst_date(started)
+            since = claim.changed_since(today, ruleset.version, loaded.calendar)
             result = self._evaluate_and_apply(started, shard=claim.shard, changed_since=since)
-            whole = (today, ruleset.version) if since is None else None
+            whole = (today.isoformat(), ruleset.version) if since is None else None
             with self.db.begin() as session:
                 if not sweeping.release_shard(session, claim.shard, me, now(), result["evaluated"], started, whole):
                     log.warning("sweep: the lease on %s ran out mid-sweep; raise sweep_lease_seconds", claim.shard)

@@ -10,16 +10,17 @@ replica had already decided stays decided once: every decision has a unique key
 (escalation.py), so a shard swept twice never acts twice.
 
 Sweeps are incremental. The time-based facts (working days to a deadline, overdue, since
-referral) change only when the date in China changes, so a shard is evaluated whole on its first
-pass of each day and after the rules change; every other pass takes only the clusters with a case
-changed (by an event, or by joining the agenda) since the previous pass began.
+referral) change only when a working day begins in China, so a shard is evaluated whole on its
+first pass of each working day and after the rules change; every other pass takes only the
+clusters with a case changed (by an event, or by joining the agenda) since the previous pass
+began.
 """
 
 import os
 import socket
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 from sqlalchemy import and_, or_, select, update
 
@@ -46,10 +47,14 @@ class Claim:
     def shard(self) -> tuple[str, str]:
         return self.street, self.category
 
-    def changed_since(self, today: str, version: str) -> datetime | None:
-        """None: evaluate the shard whole (a new day, new rules, never swept); else the moment
-        from which changed clusters must be evaluated."""
-        if self.whole_on != today or self.whole_version != version or self.started_at is None:
+    def changed_since(self, today: date, version: str, calendar) -> datetime | None:
+        """None: evaluate the shard whole (a working day began since its last whole pass, the
+        rules changed, or it was never swept); else the moment from which changed clusters must
+        be evaluated. Working-day counts do not move on weekends and holidays, so neither do the
+        time-based facts: those days need no whole pass."""
+        if self.whole_on is None or self.whole_version != version or self.started_at is None:
+            return None
+        if calendar.working_days_between(date.fromisoformat(self.whole_on), today) > 0:
             return None
         return self.started_at - OVERLAP
 

@@ -3,7 +3,7 @@ firing and not firing, clusters of similar cases, and each escalation happening 
 
 import threading
 import uuid
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -355,10 +355,14 @@ def test_an_incremental_pass_evaluates_only_the_clusters_changed_since_the_last(
     assert evaluated(after_first_pass) == 3  # a closed case is not evaluated; its cluster has no other case
 
 
-def test_a_shard_is_swept_whole_on_a_new_day_or_with_new_rules_and_incrementally_otherwise():
-    started = datetime(2026, 10, 19, 9, 0, tzinfo=CST)
-    claim = sweeping.Claim("pinghu", "traffic", started, "2026-10-19", "v1")
-    assert claim.changed_since("2026-10-19", "v1") == started - sweeping.OVERLAP
-    assert claim.changed_since("2026-10-20", "v1") is None  # the working-day counts moved on
-    assert claim.changed_since("2026-10-19", "v2") is None  # other rules may decide otherwise
-    assert sweeping.Claim("pinghu", "traffic", None, None, None).changed_since("2026-10-19", "v1") is None
+def test_a_shard_is_swept_whole_on_a_new_working_day_or_with_new_rules_and_incrementally_otherwise():
+    calendar = with_calendar(supervision_rules.load)(RULES_DIR).calendar
+    started = datetime(2026, 9, 30, 9, 0, tzinfo=CST)  # the Wednesday before National Day
+    claim = sweeping.Claim("pinghu", "traffic", started, "2026-09-30", "v1")
+    assert claim.changed_since(date(2026, 9, 30), "v1", calendar) == started - sweeping.OVERLAP
+    assert claim.changed_since(date(2026, 10, 9), "v1", calendar) is None  # the working-day counts moved on
+    assert claim.changed_since(date(2026, 9, 30), "v2", calendar) is None  # other rules may decide otherwise
+    # 1–7 October are holidays: no count moves, so no whole pass (only what changed).
+    assert claim.changed_since(date(2026, 10, 3), "v1", calendar) == started - sweeping.OVERLAP
+    never = sweeping.Claim("pinghu", "traffic", None, None, None)
+    assert never.changed_since(date(2026, 9, 30), "v1", calendar) is None
