@@ -16,14 +16,13 @@ When a message is acknowledged is chosen per kind of entrypoint, never left to n
 """
 
 from nameko.dependency_providers import Config
-from nameko.events import EventDispatcher
 from nameko.extensions import DependencyProvider
 from nameko.timer import timer
 
 from services.common import health
 from services.common.db import Database
 from services.common.http import http
-from services.common.outbox import OutboxRelay
+from services.common.outbox import BatchPublishing, OutboxRelay
 
 
 class ContainerState(DependencyProvider):
@@ -53,7 +52,7 @@ class ServiceBase:
 
     config = Config()
     db = Database()
-    dispatch = EventDispatcher()
+    dispatch = BatchPublishing()  # callable as nameko's EventDispatcher; publishes batches too
     state = ContainerState()
     topology = DeclaredTopology()
 

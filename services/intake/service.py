@@ -93,6 +93,7 @@ class IntakeService(ServiceBase):
         directory = parse_directory(document)
         with self.db.begin() as session:
             summary = cases.store_directory(session, directory)
+        self._directory_cache().invalidate()
         self.publish_events()
         return summary
 

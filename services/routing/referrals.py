@@ -255,37 +255,38 @@ def triage_list(session) -> list[dict]:
 # --- routing ---------------------------------------------------------------------------------
 
 
-def record_case(session, event: dict, now: datetime) -> bool:
-    """Store a received case once; False when it was already known (a redelivered event)."""
-    return insert_ignoring_duplicates(
-        session,
-        routing_cases,
-        dict(
-            case_id=event["case_id"],
-            source=event["source"],
-            channel=event.get("channel"),
-            title=event.get("title"),
-            description=event.get("description"),
-            category=event.get("category"),
-            street=event.get("street"),
-            sector=event.get("sector"),
-            workstation=event.get("workstation"),
-            kind=event.get("kind"),
-            residents_affected=event.get("residents_affected"),
-            status="awaiting_routing",
-            returned_by=[],
-            reopen_count=0,
-            received_at=datetime.fromisoformat(event["received_at"]),
-            recorded_at=now,
-            updated_at=now,
-        ),
+def record_case(session, event: dict, now: datetime) -> dict | None:
+    """Store a received case once: its row as stored, or None when it was already known (a
+    redelivered event)."""
+    row = dict(
+        case_id=event["case_id"],
+        source=event["source"],
+        channel=event.get("channel"),
+        title=event.get("title"),
+        description=event.get("description"),
+        category=event.get("category"),
+        street=event.get("street"),
+        sector=event.get("sector"),
+        workstation=event.get("workstation"),
+        kind=event.get("kind"),
+        residents_affected=event.get("residents_affected"),
+        status="awaiting_routing",
+        returned_by=[],
+        reopen_count=0,
+        received_at=datetime.fromisoformat(event["received_at"]),
+        recorded_at=now,
+        updated_at=now,
     )
+    return row if insert_ignoring_duplicates(session, routing_cases, row) else None
 
 
-def route(session, ctx: Context, case_id: str) -> dict:
-    """Decide by the rules and refer the case, or put it on the triage list."""
-    case = _case(session, case_id, lock=True)
-    decision = routing_rules.decide(ctx.rules, case._asdict(), ctx.known_departments)
+def route(session, ctx: Context, case_id: str, case: dict | None = None) -> dict:
+    """Decide by the rules and refer the case, or put it on the triage list. ``case`` is its row
+    when the caller just stored it in this transaction (nobody else can see it, so there is
+    nothing to lock or read back); otherwise it is read and locked here."""
+    just_stored = case is not None
+    case = dict(case) if just_stored else _case(session, case_id, lock=True)._asdict()
+    decision = routing_rules.decide(ctx.rules, case, ctx.known_departments)
     decided = {
         "rule_ids": decision.rule_ids,
         "ruleset_version": decision.ruleset_version,
@@ -296,8 +297,8 @@ def route(session, ctx: Context, case_id: str) -> dict:
     )
     if not decision.routable:
         reason = "no rule assigns a department" if not decision.departments else "no rule sets a deadline"
-        if case.returned_by:
-            reason += f" (returned by {', '.join(case.returned_by)})"
+        if case["returned_by"]:
+            reason += f" (returned by {', '.join(case['returned_by'])})"
         session.execute(
             update(routing_cases)
             .where(routing_cases.c.case_id == case_id)
@@ -311,15 +312,18 @@ def route(session, ctx: Context, case_id: str) -> dict:
                 "case_id": case_id,
                 "reason": reason,
                 "category": decision.category,
-                "street": case.street,
-                "source": case.source,
+                "street": case["street"],
+                "source": case["source"],
                 "rule_ids": decision.rule_ids,
                 "ruleset_version": decision.ruleset_version,
             },
         )
         return {"case_id": case_id, "status": "triage", "reason": reason}
-    session.execute(update(routing_cases).where(routing_cases.c.case_id == case_id).values(**values))
-    return _refer(session, ctx, case_id, decision.departments, decision.lead, decision.deadline, decided)
+    # The decision's values are written by _refer's update of the case, with its new status.
+    existing = 0 if just_stored else None  # a case stored just now has no referrals yet
+    return _refer(
+        session, ctx, case_id, decision.departments, decision.lead, decision.deadline, decided, case | values, existing
+    )
 
 
 def route_from_triage(session, ctx: Context, actor: dict, case_id: str, departments: list, lead: str | None) -> dict:
@@ -363,18 +367,28 @@ def due_at(ctx: Context, deadline: dict, start: datetime) -> datetime:
     return end_of_day(ctx.calendar.next_working_day(add_months(day, deadline["months"])))
 
 
-def _refer(session, ctx, case_id, departments, lead, deadline, decided) -> dict:
-    case = _case(session, case_id)
-    round_number = (case.reopen_count or 0) + 1
-    existing = session.scalar(select(func.count()).select_from(referrals).where(referrals.c.case_id == case_id))
+def _refer(
+    session, ctx, case_id, departments, lead, deadline, decided, case: dict | None = None, existing: int | None = None
+) -> dict:
+    """Refer the case to ``departments``. ``case`` is its row as it should be now (with the
+    values to write, which are written with its new status), or None to read it; ``existing``
+    the number of its referrals so far, or None to count them."""
+    updates = {}
+    if case is None:
+        case = _case(session, case_id)._asdict()
+    else:
+        updates = {k: case[k] for k in ("category", "kind", "urgency", "decision") if k in case}
+    round_number = (case["reopen_count"] or 0) + 1
+    if existing is None:
+        existing = session.scalar(select(func.count()).select_from(referrals).where(referrals.c.case_id == case_id))
     due = due_at(ctx, deadline, ctx.now)
     window = ctx.rules.settings["return_window_working_days"]
     return_by = end_of_day(ctx.calendar.add_working_days(cst_date(ctx.now), window))
-    created = []
+    rows, created = [], []
     for offset, department in enumerate(departments, start=1):
         referral_id = f"{case_id}-R{existing + offset}"
-        session.execute(
-            referrals.insert().values(
+        rows.append(
+            dict(
                 id=referral_id,
                 case_id=case_id,
                 department=department,
@@ -397,10 +411,11 @@ def _refer(session, ctx, case_id, departments, lead, deadline, decided) -> dict:
                 "return_by": iso(return_by),
             }
         )
+    session.execute(referrals.insert(), rows)  # one round trip for all of them
     session.execute(
         update(routing_cases)
         .where(routing_cases.c.case_id == case_id)
-        .values(status="referred", lead_department=lead, triage_reason=None, updated_at=ctx.now)
+        .values(status="referred", lead_department=lead, triage_reason=None, updated_at=ctx.now, **updates)
     )
     add_event(
         session,
@@ -408,11 +423,11 @@ def _refer(session, ctx, case_id, departments, lead, deadline, decided) -> dict:
         "case_referred",
         {
             "case_id": case_id,
-            "source": case.source,
-            "category": case.category,
-            "kind": case.kind,
-            "street": case.street,
-            "urgency": case.urgency,
+            "source": case["source"],
+            "category": case["category"],
+            "kind": case["kind"],
+            "street": case["street"],
+            "urgency": case["urgency"],
             "round": round_number,
             "referrals": created,
             "deadline": deadline,

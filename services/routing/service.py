@@ -70,8 +70,9 @@ class RoutingService(ServiceBase):
     def on_case_received(self, event):
         context = self._context()
         with self.db.begin() as session:
-            if referrals.record_case(session, event, context.now):  # False: a redelivery, already routed
-                referrals.route(session, context, event["case_id"])
+            case = referrals.record_case(session, event, context.now)
+            if case is not None:  # None: a redelivery, already routed
+                referrals.route(session, context, event["case_id"], case)
         self.publish_events()
 
     @reliable_event_handler("intake", "directory_loaded")
