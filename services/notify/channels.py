@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import smtplib
+import time
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -51,8 +52,61 @@ def _email(delivery, config):
     message["Date"] = formatdate(localtime=False)
     message["Message-ID"] = make_msgid(domain="huiying")
     message.set_content(delivery.body)
-    with smtplib.SMTP(config["SMTP_HOST"], config["SMTP_PORT"], timeout=TIMEOUT) as smtp:
-        smtp.send_message(message)
+    SMTP_CONNECTIONS.send(config["SMTP_HOST"], config["SMTP_PORT"], message)
+
+
+class SmtpConnections:
+    """SMTP connections kept open between e-mails: a connection (and its greeting and EHLO) per
+    e-mail was a large share of notify's time in a burst. Each is used by one delivery at a
+    time; one that failed is closed, never reused, and one idle for long is not trusted."""
+
+    IDLE_SECONDS = 30  # servers drop idle clients after a minute or more
+
+    def __init__(self):
+        self.idle = []  # (host, port, smtp, idle since)
+
+    def send(self, host: str, port: int, message: EmailMessage):
+        smtp = self._take(host, port)
+        if smtp is not None:
+            try:
+                smtp.send_message(message)
+                return self._keep(host, port, smtp)
+            except smtplib.SMTPServerDisconnected:
+                _close(smtp)  # the server hung up on the idle connection: send on a new one
+            except Exception:
+                _close(smtp)
+                raise
+        smtp = smtplib.SMTP(host, port, timeout=TIMEOUT)
+        try:
+            smtp.send_message(message)
+        except Exception:
+            _close(smtp)
+            raise
+        self._keep(host, port, smtp)
+
+    def _take(self, host, port):
+        now = time.monotonic()
+        for index, (h, p, smtp, since) in enumerate(self.idle):
+            if (h, p) == (host, port):
+                del self.idle[index]
+                if now - since < self.IDLE_SECONDS:
+                    return smtp
+                _close(smtp)
+                return self._take(host, port)
+        return None
+
+    def _keep(self, host, port, smtp):
+        self.idle.append((host, port, smtp, time.monotonic()))
+
+
+def _close(smtp):
+    try:
+        smtp.close()
+    except OSError:
+        pass
+
+
+SMTP_CONNECTIONS = SmtpConnections()  # per process, as each is used by one greenthread at a time
 
 
 def _post(url: str, payload: dict, headers: dict | None = None):

@@ -1,8 +1,10 @@
 """Recording the deliveries an event owes (once), claiming and finishing them, and the failure list."""
 
+from collections import OrderedDict
 from datetime import datetime, time, timedelta
 
 from sqlalchemy import select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common.timeutil import CST, iso
 from services.common.upsert import insert_ignoring_duplicates
@@ -10,20 +12,18 @@ from services.notify.models import deliveries, notify_cases
 from services.notify.planning import Delivery, masked_address, recipient_name
 
 
-def record_case(session, event: dict) -> bool:
-    return insert_ignoring_duplicates(
-        session,
-        notify_cases,
-        dict(
-            case_id=event["case_id"],
-            source=event["source"],
-            external_id=event["external_id"],
-            title=event["title"],
-            street=event.get("street"),
-            category=event.get("category"),
-            workstation=event.get("workstation"),
-        ),
+def record_case(session, event: dict) -> dict | None:
+    """Store what notify needs of a case, once: the row, or None when it was already stored."""
+    row = dict(
+        case_id=event["case_id"],
+        source=event["source"],
+        external_id=event["external_id"],
+        title=event["title"],
+        street=event.get("street"),
+        category=event.get("category"),
+        workstation=event.get("workstation"),
     )
+    return row if insert_ignoring_duplicates(session, notify_cases, row) else None
 
 
 def case_of(session, case_id: str) -> dict | None:
@@ -31,39 +31,53 @@ def case_of(session, case_id: str) -> dict | None:
     return row._asdict() if row else None
 
 
+class RecentCases:
+    """The last ``size`` cases notify stored or read. A notify_cases row never changes once
+    stored (case_received is inserted once), so each later event of a case need not read it."""
+
+    def __init__(self, size: int = 10_000):
+        self.size, self.rows = size, OrderedDict()
+
+    def get(self, case_id: str) -> dict | None:
+        row = self.rows.get(case_id)
+        if row is not None:
+            self.rows.move_to_end(case_id)
+        return row
+
+    def put(self, row: dict):
+        self.rows[row["case_id"]] = row
+        self.rows.move_to_end(row["case_id"])
+        if len(self.rows) > self.size:
+            self.rows.popitem(last=False)
+
+
 def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
-    """Store the deliveries; the ids of those not stored before (a redelivered event adds none)."""
-    new_ids = []
-    for delivery in planned:
-        inserted = insert_ignoring_duplicates(
-            session,
-            deliveries,
-            dict(
-                event_id=event["event_id"],
-                event_type=event["event_type"],
-                case_id=event.get("case_id"),
-                recipient=delivery.recipient,
-                channel=delivery.channel,
-                address=delivery.address,
-                subject=delivery.subject[:300],
-                body=delivery.body,
-                status="held" if delivery.digest else "pending",  # held: waits for the daily digest
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-            ),
+    """Store the deliveries; the ids of those not stored before (a redelivered event adds none)
+    that are to be sent now (held ones wait for the digest). One statement for them all."""
+    if not planned:
+        return []
+    rows = [
+        dict(
+            event_id=event["event_id"],
+            event_type=event["event_type"],
+            case_id=event.get("case_id"),
+            recipient=delivery.recipient,
+            channel=delivery.channel,
+            address=delivery.address,
+            subject=delivery.subject[:300],
+            body=delivery.body,
+            status="held" if delivery.digest else "pending",  # held: waits for the daily digest
+            attempts=0,
+            created_at=now,
+            updated_at=now,
         )
-        if inserted and not delivery.digest:
-            new_ids.append(
-                session.scalar(
-                    select(deliveries.c.id).where(
-                        deliveries.c.event_id == event["event_id"],
-                        deliveries.c.recipient == delivery.recipient,
-                        deliveries.c.channel == delivery.channel,
-                    )
-                )
-            )
-    return new_ids
+        for delivery in planned
+    ]
+    make_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    inserted = session.execute(
+        make_insert(deliveries).values(rows).on_conflict_do_nothing().returning(deliveries.c.id, deliveries.c.status)
+    ).all()
+    return sorted(row.id for row in inserted if row.status == "pending")
 
 
 def claim(session, delivery_id: int, now):

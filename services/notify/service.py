@@ -16,7 +16,7 @@ from nameko.timer import timer
 from services.common.base import ServiceBase
 from services.common.directory import parse_directory
 from services.common.events import reliable_event_handler
-from services.common.outbox import OutboxRelay
+from services.common.outbox import BatchPublishing, OutboxRelay
 from services.common.retrying import backoff_seconds
 from services.common.rules.provider import Rules
 from services.common.timeutil import now
@@ -42,7 +42,7 @@ class NotifyService(ServiceBase):
     relay = OutboxRelay(outbox)
     rules = Rules(notify_settings.load)
     intake = RpcProxy("intake")
-    enqueue = Publisher(exchange=EXCHANGE, declare=[EXCHANGE, QUEUE])
+    enqueue = BatchPublishing(EXCHANGE, declare=[QUEUE])
     park = Publisher(exchange=DEAD_EXCHANGE, declare=[DEAD_EXCHANGE, DEAD_QUEUE])
 
     # --- events → deliveries ----------------------------------------------------------------
@@ -56,8 +56,7 @@ class NotifyService(ServiceBase):
     def _owe(self, event: dict):
         """Record what this event owes to whom (once), then enqueue it. No RPC inside a transaction."""
         settings = self.rules.get()
-        with self.db() as session:
-            case = deliveries.case_of(session, event["case_id"])
+        case = self._case(event["case_id"])
         if case is None:
             raise LookupError(f"case {event['case_id']} not seen yet")  # requeued until case_received lands
         needs_citizen = any(route.event == event["event_type"] and "citizen" in route.to for route in settings.routes)
@@ -81,13 +80,30 @@ class NotifyService(ServiceBase):
             )
         with self.db.begin() as session:
             new_ids = deliveries.record(session, event, planned, now())
-        for delivery_id in new_ids:
-            self.enqueue({"delivery_id": delivery_id}, routing_key=ROUTING_KEY)
+        self._enqueue(new_ids)
+
+    def _recent_cases(self) -> deliveries.RecentCases:
+        return self.state.setdefault("recent_cases", deliveries.RecentCases())
+
+    def _case(self, case_id: str) -> dict | None:
+        case = self._recent_cases().get(case_id)
+        if case is None:
+            with self.db() as session:
+                case = deliveries.case_of(session, case_id)
+            if case is not None:
+                self._recent_cases().put(case)
+        return case
+
+    def _enqueue(self, delivery_ids: list[int]):
+        """One work message per delivery, all confirmed by the broker at once."""
+        self.enqueue.publish_batch([(ROUTING_KEY, {"delivery_id": delivery_id}) for delivery_id in delivery_ids])
 
     @reliable_event_handler("intake", "case_received")
     def on_case_received(self, event):
         with self.db.begin() as session:
-            deliveries.record_case(session, event)
+            stored = deliveries.record_case(session, event)
+        if stored is not None:
+            self._recent_cases().put(stored)
 
     @reliable_event_handler("intake", "directory_loaded")
     def on_directory_loaded(self, event):
@@ -134,8 +150,7 @@ class NotifyService(ServiceBase):
     def requeue_stale(self):
         with self.db.begin() as session:
             ids = deliveries.stale(session, now(), timedelta(seconds=60), timedelta(minutes=10))
-        for delivery_id in ids:
-            self.enqueue({"delivery_id": delivery_id}, routing_key=ROUTING_KEY)
+        self._enqueue(ids)
 
     @timer(interval=60)
     def send_due_digests(self):
@@ -145,8 +160,7 @@ class NotifyService(ServiceBase):
         directory = self._directory()  # before the transaction: no RPC inside one
         with self.db.begin() as session:
             ids = deliveries.make_digests(session, self.rules.get(), moment, directory)
-        for delivery_id in ids:
-            self.enqueue({"delivery_id": delivery_id}, routing_key=ROUTING_KEY)
+        self._enqueue(ids)
         return ids
 
     @rpc
@@ -171,8 +185,7 @@ class NotifyService(ServiceBase):
     def retry(self, ids=None) -> dict:
         with self.db.begin() as session:
             chosen = deliveries.reset_for_retry(session, ids, now())
-        for delivery_id in chosen:
-            self.enqueue({"delivery_id": delivery_id}, routing_key=ROUTING_KEY)
+        self._enqueue(chosen)
         return {"retried": chosen}
 
     @rpc
