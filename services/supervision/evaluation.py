@@ -82,7 +82,7 @@ def case_facts(
     return facts
 
 
-def _case_rows(session, which):
+def _case_rows(session, which, stream: bool = True):
     """Unresolved cases meeting ``which``, each with the facts that live in other tables, ordered
     so that a cluster's cases come together (and its count is over the cluster, not the page)."""
     c = case_projection.c
@@ -112,6 +112,8 @@ def _case_rows(session, which):
         .where(c.status != "closed", which)
         .order_by(c.cluster_key, c.received_at, c.case_id)
     )
+    if not stream:  # a case's cluster: a few rows, one round trip
+        return session.execute(query)
     if session.get_bind().dialect.name == "postgresql":
         # Streamed rows come from a server-side cursor, which PostgreSQL plans for the first 10 %
         # of rows by default: it would walk the whole cluster index to skip a sort, reading every
@@ -149,7 +151,7 @@ def evaluate(
         if changed_since is not None:
             which = and_(which, _clusters_of(and_(which, case_projection.c.changed_at >= changed_since)))
     evaluated, decisions, reminders = 0, {}, []
-    rows = _case_rows(session, which)
+    rows = _case_rows(session, which, stream=targets is None)
     for cluster, members in itertools.groupby(rows, key=lambda row: row.cluster_key):
         members = list(members)
         member_ids = [m.case_id for m in members]
@@ -202,7 +204,7 @@ def _add_reminded_referrals(session, reminders) -> None:
 
 def facts_of(session, ruleset: Ruleset, calendar: WorkingCalendar, now: datetime, case_id: str) -> dict:
     """The facts one case presents at ``now`` (for ``rules explain``)."""
-    for case in _case_rows(session, _clusters_of(case_projection.c.case_id == case_id)):
+    for case in _case_rows(session, _clusters_of(case_projection.c.case_id == case_id), stream=False):
         if case.case_id == case_id:
             return case_facts(case, case.nearest_due, case.on_agenda, case.similar, now, calendar)
     # A closed case: no cluster to count in, no open referrals.

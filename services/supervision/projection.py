@@ -11,10 +11,11 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 from sqlalchemy import func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
-from services.common.upsert import insert_ignoring_duplicates
+from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
 from services.supervision.clusters import bigrams, cluster_key, clusters_to_join
 from services.supervision.models import case_projection, referral_projection, sweep_shards, timeline
 
@@ -121,7 +122,6 @@ def record_case_received(session, event: dict, settings: dict) -> bool:
         )
         .returning(*CLUSTERING)  # as stored, for its shard and cluster
     ).one()
-    register_shard(session, case.street, case.category)
     place_in_cluster(session, case, settings)
     return True
 
@@ -141,18 +141,30 @@ def register_shard(session, street: str | None, category: str | None) -> None:
     insert_ignoring_duplicates(session, sweep_shards, dict(street=street or "", category=category or ""))
 
 
+def _register_and_lock_shard(session, street: str, category: str) -> None:
+    """Register the shard and lock its row until the transaction ends, in one statement (an
+    upsert that touches the row takes its lock, as SELECT … FOR UPDATE would)."""
+    dialect = session.get_bind().dialect.name
+    make_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = make_insert(sweep_shards).values(street=street, category=category)
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[sweep_shards.c.street, sweep_shards.c.category],
+            set_={"street": statement.excluded.street},
+        )
+    )
+
+
 def place_in_cluster(session, case, settings: dict) -> str:
     """Put a case into the cluster of the unresolved cases similar to it (clusters.py), merging
     the clusters it bridges; alone, it starts its own. Returns its cluster key."""
     key = cluster_key(case.category, case.street, case.case_id)
-    if case.category and case.street:
+    if not (case.category and case.street):
+        register_shard(session, case.street, case.category)  # no similar cases without both
+    else:
         # One arrival at a time per street and category: two similar cases arriving together
-        # must see each other. The shard's row is the lock (registered just before).
-        session.execute(
-            select(sweep_shards.c.street)
-            .where(sweep_shards.c.street == case.street, sweep_shards.c.category == case.category)
-            .with_for_update()
-        )
+        # must see each other. The shard's row is the lock.
+        _register_and_lock_shard(session, case.street, case.category)
         window = timedelta(days=settings["cluster_window_days"])
         peers = session.execute(
             select(case_projection.c.cluster_key, case_projection.c.title, case_projection.c.description)
@@ -188,12 +200,14 @@ def record_routing_event(session, event: dict, settings: dict) -> bool:
     at = _at(event)
     if not _record(session, event_type, event, at):
         return False
-    _ensure_case(session, event, at)
     case_id = event["case_id"]
     # Locked: two events about one case (two returns, say) must not both count from the same value.
-    case = session.execute(
-        select(case_projection).where(case_projection.c.case_id == case_id).with_for_update()
-    ).first()
+    locked = select(case_projection).where(case_projection.c.case_id == case_id).with_for_update()
+    case = session.execute(locked).first()
+    if case is None:  # this event overtook intake's case_received
+        _ensure_case(session, event, at)
+        register_shard(session, event.get("street"), event.get("category"))
+        case = session.execute(locked).first()
     values = {"updated_at": at, "changed_at": now()}
     if event_type in CASE_STATUS:
         values["status"] = CASE_STATUS[event_type]
@@ -206,10 +220,10 @@ def record_routing_event(session, event: dict, settings: dict) -> bool:
             category=event.get("category") or case.category,
             kind=event.get("kind") or case.kind,
         )
-        for r in event["referrals"]:
-            insert_ignoring_duplicates(
-                session,
-                referral_projection,
+        insert_many_ignoring_duplicates(
+            session,
+            referral_projection,
+            [
                 dict(
                     referral_id=r["referral_id"],
                     case_id=case_id,
@@ -221,8 +235,11 @@ def record_routing_event(session, event: dict, settings: dict) -> bool:
                     referred_at=at,
                     due_at=datetime.fromisoformat(r["due_at"]),
                     updated_at=at,
-                ),
-            )
+                )
+                for r in event["referrals"]
+            ],
+            referral_projection.c.referral_id,
+        )
     elif event_type == "case_needs_triage":
         values.update(category=event.get("category") or case.category)
     elif event_type == "referral_returned":
@@ -238,10 +255,8 @@ def record_routing_event(session, event: dict, settings: dict) -> bool:
     elif event_type == "case_reopened":
         values["reopen_count"] = event["reopen_count"]
     session.execute(update(case_projection).where(case_projection.c.case_id == case_id).values(**values))
-    if "category" in values:
-        register_shard(session, case.street, values["category"])
-        if values["category"] != case.category:  # reclassified: another shard, another cluster
-            place_in_cluster(session, SimpleNamespace(**{**case._mapping, "category": values["category"]}), settings)
+    if values.get("category", case.category) != case.category:  # reclassified: another shard and cluster
+        place_in_cluster(session, SimpleNamespace(**{**case._mapping, "category": values["category"]}), settings)
 
     referral_values = {}
     if event_type in REFERRAL_STATUS:
