@@ -13,10 +13,13 @@ def insert_ignoring_duplicates(session, table, values: dict) -> bool:
 
 def insert_many_ignoring_duplicates(session, table, rows: list[dict], key) -> list:
     """Insert the rows whose key is not there yet, in one statement; returns the ``key`` column's
-    values of the rows inserted (a concurrent writer's rows are not reported twice)."""
+    values of the rows inserted (a concurrent writer's rows are not reported twice). ``key`` may
+    be a tuple of columns: the values are then tuples."""
     if not rows:
         return []
     dialect = session.get_bind().dialect.name
     make_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = make_insert(table).values(rows).on_conflict_do_nothing().returning(key)
-    return list(session.scalars(statement))
+    columns = key if isinstance(key, tuple) else (key,)
+    statement = make_insert(table).values(rows).on_conflict_do_nothing().returning(*columns)
+    result = session.execute(statement)
+    return [tuple(row) for row in result] if isinstance(key, tuple) else list(result.scalars())

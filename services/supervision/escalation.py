@@ -25,55 +25,103 @@ LIFECYCLE = ("proposed", "scheduled", "under_supervision", "concluded")
 
 
 def apply(session, to_apply: list[Decision], now) -> list[Decision]:
-    """Carry out the decisions not taken before; returns those newly taken."""
-    taken, known = [], _already_taken(session, to_apply)
+    """Carry out the decisions not taken before; returns those newly taken.
+
+    Done a batch at a time, in a few multi-row statements (a backlog's first sweep takes tens of
+    thousands): a case's own agenda item is numbered before its decision is recorded, so the
+    decision row carries its item's id. A cluster's item, rarer and shared, is found or made one
+    decision at a time (``_ensure_item``)."""
+    known = _already_taken(session, to_apply)
     linked = _linked_to_cluster_items(session, [d for d in to_apply if d.key in known])
-    cases = _cases(session, [d for d in to_apply if d.key not in known])
+    fresh = [d for d in to_apply if d.key not in known]
+    cases = _cases(session, fresh)
+    own_items = [d for d in fresh if d.action in AGENDA_KIND and d.scope == "case"]
+    item_ids = dict(zip((d.key for d in own_items), _next_agenda_ids(session, now, len(own_items))))
+    first_time = _record(session, fresh, item_ids, now)
+    _make_own_items(session, [d for d in own_items if d.key in first_time], item_ids, now, cases)
+    taken = []
     for decision in to_apply:
-        growing_cluster = (
-            decision.scope == "cluster"
-            and decision.action in AGENDA_KIND
-            and any((AGENDA_KIND[decision.action], decision.rule_id, c) not in linked for c in decision.case_ids)
-        )
-        if decision.key in known and not growing_cluster:
-            continue  # most of a sweep's decisions: taken on an earlier pass, nothing new to link
-        first_time = decision.key not in known and insert_ignoring_duplicates(
-            session,
-            decisions,
-            dict(
-                rule_id=decision.rule_id,
-                action=decision.action,
-                scope=decision.scope,
-                subject_id=decision.subject_id,
-                dedupe_key=decision.dedupe_key,
-                case_ids=decision.case_ids,
-                ruleset_version=decision.ruleset_version,
-                facts=decision.facts,
-                evaluated_at=decision.evaluated_at,
-                recorded_at=now,
-            ),
-        )
-        agenda_id = None
-        if decision.action in AGENDA_KIND and (first_time or decision.scope == "cluster"):
-            agenda_id, new_cases = _ensure_item(session, decision, now, cases)
-            if not first_time and new_cases:
-                add_event(session, outbox, "agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases})
-        if not first_time:
-            continue
-        if agenda_id:
-            session.execute(
-                update(decisions)
-                .where(
-                    decisions.c.rule_id == decision.rule_id,
-                    decisions.c.action == decision.action,
-                    decisions.c.subject_id == decision.subject_id,
-                    decisions.c.dedupe_key == decision.dedupe_key,
-                )
-                .values(agenda_id=agenda_id)
-            )
-        _announce(session, decision, agenda_id, cases)
-        taken.append(decision)
+        agenda_id = item_ids.get(decision.key)
+        if decision.scope == "cluster" and decision.action in AGENDA_KIND:
+            growing = any((AGENDA_KIND[decision.action], decision.rule_id, c) not in linked for c in decision.case_ids)
+            if decision.key in first_time or growing:
+                agenda_id, new_cases = _ensure_item(session, decision, now, cases)
+                if decision.key in first_time:
+                    session.execute(
+                        update(decisions)
+                        .where(*(column == value for column, value in zip(DECISION_KEY, decision.key)))
+                        .values(agenda_id=agenda_id)
+                    )
+                elif new_cases:
+                    add_event(session, outbox, "agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases})
+        if decision.key in first_time:
+            _announce(session, decision, agenda_id, cases)
+            taken.append(decision)
     return taken
+
+
+DECISION_KEY = (decisions.c.rule_id, decisions.c.action, decisions.c.subject_id, decisions.c.dedupe_key)
+
+
+def _record(session, fresh: list[Decision], item_ids: dict, now) -> set:
+    """Record the decisions in one statement; the keys of those recorded now (a replica racing
+    for the same decision records it, or we do — never both)."""
+    rows = [
+        dict(
+            rule_id=d.rule_id,
+            action=d.action,
+            scope=d.scope,
+            subject_id=d.subject_id,
+            dedupe_key=d.dedupe_key,
+            case_ids=d.case_ids,
+            agenda_id=item_ids.get(d.key),
+            ruleset_version=d.ruleset_version,
+            facts=d.facts,
+            evaluated_at=d.evaluated_at,
+            recorded_at=now,
+        )
+        for d in fresh
+    ]
+    return set(insert_many_ignoring_duplicates(session, decisions, rows, DECISION_KEY))
+
+
+def _make_own_items(session, taken: list[Decision], item_ids: dict, now, cases: dict) -> None:
+    """The agenda items of case-scope decisions just recorded, their links and their cases'
+    ``on_agenda``, in three statements. An item is unique per kind, rule and case, as its
+    decision is, so the replica that recorded the decision is the one making the item."""
+    if not taken:
+        return
+    insert_many_ignoring_duplicates(
+        session,
+        agenda,
+        [
+            dict(
+                id=item_ids[d.key],
+                kind=AGENDA_KIND[d.action],
+                status="proposed",
+                rule_id=d.rule_id,
+                scope=d.scope,
+                subject_id=d.subject_id,
+                title=_title(d, AGENDA_KIND[d.action], cases),
+                history=[{"status": "proposed", "at": iso(now), "by": f"rule {d.rule_id}"}],
+                created_at=now,
+                updated_at=now,
+            )
+            for d in taken
+        ],
+        agenda.c.id,
+    )
+    insert_many_ignoring_duplicates(
+        session,
+        agenda_cases,
+        [{"agenda_id": item_ids[d.key], "case_id": d.case_ids[0], "added_at": now} for d in taken],
+        (agenda_cases.c.agenda_id, agenda_cases.c.case_id),
+    )
+    session.execute(
+        update(case_projection)
+        .where(case_projection.c.case_id.in_(sorted({d.case_ids[0] for d in taken})))
+        .values(on_agenda=True, changed_at=now)
+    )
 
 
 def _already_taken(session, to_apply: list[Decision]) -> set:
@@ -158,20 +206,24 @@ def _announce(session, decision: Decision, agenda_id, cases: dict):
         )
 
 
-def _next_agenda_id(session, now) -> str:
+def _next_agenda_ids(session, now, count: int) -> list[str]:
+    """``count`` new agenda item numbers of this year, taken together (numbers taken for a
+    decision another replica recorded first stay unused: the sequence may skip)."""
+    if not count:
+        return []
     year = now.astimezone(CST).year
     name = f"agenda-{year}"
-    take_next = (
+    take = (
         update(counters)
         .where(counters.c.name == name)
-        .values(last_number=counters.c.last_number + 1)
+        .values(last_number=counters.c.last_number + count)
         .returning(counters.c.last_number)
     )
-    number = session.execute(take_next).scalar()
-    if number is None:  # the year's first item
+    last = session.execute(take).scalar()
+    if last is None:  # the year's first item
         insert_ignoring_duplicates(session, counters, {"name": name, "last_number": 0})
-        number = session.execute(take_next).scalar_one()
-    return f"AG-{year}-{number:04d}"
+        last = session.execute(take).scalar_one()
+    return [f"AG-{year}-{number:04d}" for number in range(last - count + 1, last + 1)]
 
 
 def _ensure_item(session, decision: Decision, now, cases: dict) -> tuple[str, list]:
@@ -199,7 +251,7 @@ def _ensure_item(session, decision: Decision, now, cases: dict) -> tuple[str, li
     linked: set = set()
     if existing is None:
         title = _title(decision, kind, cases)
-        new_id = _next_agenda_id(session, now)
+        [new_id] = _next_agenda_ids(session, now, 1)
         created = insert_ignoring_duplicates(
             session,
             agenda,
