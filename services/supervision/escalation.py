@@ -32,7 +32,7 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
     decision row carries its item's id. A cluster's item, rarer and shared, is found or made one
     decision at a time (``_ensure_item``)."""
     known = _already_taken(session, to_apply)
-    linked = _linked_to_cluster_items(session, [d for d in to_apply if d.key in known])
+    linked = _cluster_items(session, to_apply)
     fresh = [d for d in to_apply if d.key not in known]
     cases = _cases(session, fresh)
     own_items = [d for d in fresh if d.action in AGENDA_KIND and d.scope == "case"]
@@ -45,7 +45,7 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
         if decision.scope == "cluster" and decision.action in AGENDA_KIND:
             growing = any((AGENDA_KIND[decision.action], decision.rule_id, c) not in linked for c in decision.case_ids)
             if decision.key in first_time or growing:
-                agenda_id, new_cases = _ensure_item(session, decision, now, cases)
+                agenda_id, new_cases = _ensure_item(session, decision, now, cases, linked)
                 if decision.key in first_time:
                     session.execute(
                         update(decisions)
@@ -141,20 +141,20 @@ def _already_taken(session, to_apply: list[Decision]) -> set:
     return known
 
 
-def _linked_to_cluster_items(session, known: list[Decision]) -> set:
-    """``(kind, rule, case)`` for the cases of these clusters already linked to the cluster item
-    of that kind and rule: a cluster whose cases all are has nothing to add."""
-    case_ids = sorted({c for d in known if d.scope == "cluster" and d.action in AGENDA_KIND for c in d.case_ids})
-    linked: set = set()
+def _cluster_items(session, to_apply: list[Decision]) -> dict:
+    """``(kind, rule, case) → agenda item`` for the cases of these clusters already linked to a
+    cluster item, read together: a cluster whose cases all are has nothing to add, and one with
+    some finds its item here. (Driven by the case ids: asking per decision by kind and rule made
+    PostgreSQL walk every item of that kind for each new cluster.)"""
+    case_ids = sorted({c for d in to_apply if d.scope == "cluster" and d.action in AGENDA_KIND for c in d.case_ids})
+    linked: dict = {}
     for start in range(0, len(case_ids), 1000):
-        linked.update(
-            tuple(row)
-            for row in session.execute(
-                select(agenda.c.kind, agenda.c.rule_id, agenda_cases.c.case_id)
-                .join(agenda_cases, agenda_cases.c.agenda_id == agenda.c.id)
-                .where(agenda.c.scope == "cluster", agenda_cases.c.case_id.in_(case_ids[start : start + 1000]))
-            )
-        )
+        for kind, rule_id, case_id, agenda_id in session.execute(
+            select(agenda.c.kind, agenda.c.rule_id, agenda_cases.c.case_id, agenda.c.id)
+            .join(agenda_cases, agenda_cases.c.agenda_id == agenda.c.id)
+            .where(agenda.c.scope == "cluster", agenda_cases.c.case_id.in_(case_ids[start : start + 1000]))
+        ):
+            linked[(kind, rule_id, case_id)] = agenda_id
     return linked
 
 
@@ -226,22 +226,11 @@ def _next_agenda_ids(session, now, count: int) -> list[str]:
     return [f"AG-{year}-{number:04d}" for number in range(last - count + 1, last + 1)]
 
 
-def _ensure_item(session, decision: Decision, now, cases: dict) -> tuple[str, list]:
+def _ensure_item(session, decision: Decision, now, cases: dict, linked_items: dict) -> tuple[str, list]:
     kind = AGENDA_KIND[decision.action]
-    existing = None
-    if decision.scope == "cluster":
-        # The cluster's key follows its earliest open case; its item follows its cases.
-        existing = session.scalar(
-            select(agenda.c.id)
-            .join(agenda_cases, agenda_cases.c.agenda_id == agenda.c.id)
-            .where(
-                agenda.c.kind == kind,
-                agenda.c.rule_id == decision.rule_id,
-                agenda.c.scope == "cluster",
-                agenda_cases.c.case_id.in_(decision.case_ids),
-            )
-            .limit(1)
-        )
+    # The cluster's key follows its earliest open case; its item follows its cases.
+    items = [linked_items.get((kind, decision.rule_id, c)) for c in decision.case_ids]
+    existing = next((item for item in items if item), None)
     if existing is None:
         existing = session.scalar(
             select(agenda.c.id).where(
@@ -280,9 +269,7 @@ def _ensure_item(session, decision: Decision, now, cases: dict) -> tuple[str, li
             )
         )
     else:
-        # A cluster's item is met again on every event about any of its cases: look its cases up
-        # once and insert only the new ones, in one statement, instead of a round trip per member.
-        linked = set(session.scalars(select(agenda_cases.c.case_id).where(agenda_cases.c.agenda_id == existing)))
+        linked = {c for c, item in zip(decision.case_ids, items) if item == existing}
     added_now = set(
         insert_many_ignoring_duplicates(
             session,
@@ -292,6 +279,7 @@ def _ensure_item(session, decision: Decision, now, cases: dict) -> tuple[str, li
         )
     )
     new_cases = [c for c in decision.case_ids if c in added_now]
+    linked_items.update({(kind, decision.rule_id, c): existing for c in new_cases})
     if new_cases:  # on_agenda changed for them: the next incremental sweep looks at them again
         session.execute(
             update(case_projection)
