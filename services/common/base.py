@@ -57,12 +57,13 @@ class ServiceBase:
     topology = DeclaredTopology()
 
     def publish_events(self):
-        """Publish this service's pending outbox events now (called after each commit)."""
+        """Publish the events this process has just committed (called after each commit)."""
         self.relay.relay(self.db, self.dispatch)
 
     @timer(interval=1)
     def publish_pending_events(self):
-        self.publish_events()
+        """Marks what was published after commits, and publishes what is still pending."""
+        self.relay.relay_pending(self.db, self.dispatch)
 
     @http("GET", "/health")
     def health(self, request):

@@ -6,6 +6,7 @@ rolled back on any exception, so nothing is ever half-written.
 """
 
 import threading
+from collections import defaultdict
 from contextlib import contextmanager
 from datetime import timezone
 from pathlib import Path
@@ -81,6 +82,28 @@ class OneAtATime:
             yield session
 
 
+ON_COMMIT = "huiying.on_commit"  # session.info: (key, item) pairs handed over when it commits
+MAX_HANDED_OVER = 10_000  # per key; more are left to whoever reads them back from the tables
+
+
+def hand_over_on_commit(maker: sessionmaker, sessions):
+    """What a transaction put in ``session.info[ON_COMMIT]`` lands in ``sessions.committed[key]``
+    when it commits, and is dropped when it rolls back (no service uses savepoints). The outbox
+    publishes its events from there, without reading them back."""
+    sessions.committed = defaultdict(list)
+
+    @event.listens_for(maker, "after_commit")
+    def _committed(session):
+        for key, item in session.info.pop(ON_COMMIT, ()):
+            held = sessions.committed[key]
+            held.append(item)
+            del held[:-MAX_HANDED_OVER]
+
+    @event.listens_for(maker, "after_rollback")
+    def _rolled_back(session):
+        session.info.pop(ON_COMMIT, None)
+
+
 class Database(DependencyProvider):
     """Gives each worker a session factory: ``with db() as s`` to read, ``with db.begin() as s``
     for a transaction."""
@@ -89,6 +112,7 @@ class Database(DependencyProvider):
         self.engine = create_db_engine(self.container.config["DATABASE_URL"])
         maker = sessionmaker(self.engine, expire_on_commit=False)
         self.sessions = OneAtATime(maker) if self.engine.dialect.name == "sqlite" else maker
+        hand_over_on_commit(maker, self.sessions)
 
     def stop(self):
         self.engine.dispose()

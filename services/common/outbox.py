@@ -7,12 +7,13 @@ at least once; consumers are idempotent.
 import logging
 import threading
 import uuid
+from datetime import timedelta
 
 from kombu import Connection, Exchange, Producer
 from nameko.extensions import DependencyProvider
 from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, insert, select, update
 
-from services.common.db import UTCDateTime
+from services.common.db import ON_COMMIT, UTCDateTime
 from services.common.timeutil import now, to_cst
 from services.common.topology import event_exchange
 
@@ -49,6 +50,9 @@ def add_event(session, table: Table, event_type: str, payload: dict) -> dict:
     session.execute(
         insert(table).values(event_id=message["event_id"], event_type=event_type, payload=message, created_at=created)
     )
+    # handed to the service's relay when the transaction commits (db.Database), to be published
+    # from memory without being read back
+    session.info.setdefault(ON_COMMIT, []).append((table.name, message))
     return message
 
 
@@ -147,62 +151,93 @@ class BatchPublishing(DependencyProvider):
 
 
 class OutboxRelay:
-    """Publishes pending outbox rows in order; one relay runs at a time per process.
+    """Publishes a service's outbox events; one relay runs at a time per process.
 
-    A relay asked for while another runs is not dropped: the running one goes round again, so
-    an event committed meanwhile goes out at once instead of waiting for the 1-second timer."""
+    ``relay`` (after each commit) publishes the events this process has just committed, from
+    memory, and notes their ids; ``relay_pending`` (the 1-second timer) marks those published in
+    the table with one statement, then publishes whatever is still pending for longer than
+    ``grace``: events whose publish failed (broker down), or whose process died between commit
+    and publish, or that a process which does not relay committed. So an event costs no
+    database round trip of its own to get out, and still goes out at least once: a crash before
+    the marking publishes it again, and consumers are idempotent. (The grace keeps one replica's
+    timer from sending what another replica has just sent and not yet marked.)"""
 
-    def __init__(self, table: Table, batch_size: int = 200):
+    def __init__(self, table: Table, batch_size: int = 200, grace: timedelta = timedelta(seconds=2)):
         self.table = table
         self.batch_size = batch_size
+        self.grace = grace
         self._running = threading.Lock()  # green lock once eventlet has patched threading
-        self._again = False
+        self._sent: list[str] = []  # event ids published and not yet marked in the table
 
     def relay(self, sessions, dispatch) -> int:
-        """``dispatch`` is a ``BatchPublisher`` (one confirm wait per batch) or any
-        ``dispatch(event_type, payload)`` callable, such as nameko's event dispatcher."""
-        self._again = True
+        """Publish the events committed in this process. ``dispatch`` is a ``BatchPublisher``
+        (one confirm wait per batch) or any ``dispatch(event_type, payload)`` callable."""
         if not self._running.acquire(blocking=False):
-            return 0  # the running relay sees _again and picks our rows up
-        published = 0
+            return 0  # the running relay goes on until no committed event is left
         try:
-            while self._again:
-                self._again = False
-                published += self._relay(sessions, dispatch)
-            return published
-        except Exception as exc:  # broker unreachable: rows stay pending for the next try
-            log.warning("outbox %s: publishing deferred (%s)", self.table.name, exc)
-            return published
+            return self._publish_committed(sessions, dispatch)
         finally:
             self._running.release()
 
-    def _relay(self, sessions, dispatch) -> int:
+    def relay_pending(self, sessions, dispatch) -> int:
+        """The timer's part (see the class)."""
+        with self._running:
+            published = self._publish_committed(sessions, dispatch)
+            try:
+                self._mark_sent(sessions)
+                published += self._publish_pending(sessions, dispatch)
+            except Exception as exc:  # broker or database unreachable: the next tick tries again
+                log.warning("outbox %s: publishing deferred (%s)", self.table.name, exc)
+            return published
+
+    def _publish_committed(self, sessions, dispatch) -> int:
+        committed, published = getattr(sessions, "committed", {}).get(self.table.name, []), 0
+        while committed:
+            batch = committed[: self.batch_size]
+            del committed[: len(batch)]  # before publishing: others append while we wait for it
+            try:
+                _publish(dispatch, [(m["event_type"], m) for m in batch])
+            except Exception as exc:  # still pending in the table: relay_pending sends them
+                log.warning("outbox %s: publishing deferred (%s)", self.table.name, exc)
+                return published
+            self._sent += [m["event_id"] for m in batch]
+            published += len(batch)
+        return published
+
+    def _mark_sent(self, sessions):
+        while self._sent:
+            ids = self._sent[:1000]
+            with sessions.begin() as session:
+                session.execute(update(self.table).where(self.table.c.event_id.in_(ids)).values(published_at=now()))
+            del self._sent[: len(ids)]
+
+    def _publish_pending(self, sessions, dispatch) -> int:
         # Read, publish, then mark — no database transaction stays open while the broker is
         # talked to. A crash between publish and mark publishes the rows again: at least once.
-        publish_batch = getattr(dispatch, "publish_batch", None)
         published = 0
         while True:
             with sessions() as session:
                 rows = session.execute(
                     select(self.table.c.id, self.table.c.event_type, self.table.c.payload)
-                    .where(self.table.c.published_at.is_(None))
+                    .where(self.table.c.published_at.is_(None), self.table.c.created_at < now() - self.grace)
                     .order_by(self.table.c.id)
                     .limit(self.batch_size)
                 ).all()
-            done = []
-            try:
-                if publish_batch is not None:
-                    if rows:
-                        publish_batch([(row.event_type, row.payload) for row in rows])
-                    done = [row.id for row in rows]
-                else:
-                    for row in rows:
-                        dispatch(row.event_type, row.payload)
-                        done.append(row.id)
-            finally:
-                if done:
-                    with sessions.begin() as session:
-                        session.execute(update(self.table).where(self.table.c.id.in_(done)).values(published_at=now()))
-                    published += len(done)
+            if rows:
+                _publish(dispatch, [(row.event_type, row.payload) for row in rows])
+                with sessions.begin() as session:
+                    session.execute(
+                        update(self.table).where(self.table.c.id.in_([r.id for r in rows])).values(published_at=now())
+                    )
+                published += len(rows)
             if len(rows) < self.batch_size:
                 return published
+
+
+def _publish(dispatch, messages: list[tuple[str, dict]]):
+    publish_batch = getattr(dispatch, "publish_batch", None)
+    if publish_batch is not None:
+        publish_batch(messages)
+    else:
+        for event_type, payload in messages:
+            dispatch(event_type, payload)
