@@ -188,7 +188,8 @@ class OutboxRelay:
                 published += self._publish_pending(sessions, dispatch)
             except Exception as exc:  # broker or database unreachable: the next tick tries again
                 log.warning("outbox %s: publishing deferred (%s)", self.table.name, exc)
-            return published
+            # Workers that committed meanwhile found the relay busy and left their events to us.
+            return published + self._publish_committed(sessions, dispatch)
 
     def _publish_committed(self, sessions, dispatch) -> int:
         committed, published = getattr(sessions, "committed", {}).get(self.table.name, []), 0
