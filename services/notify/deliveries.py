@@ -74,8 +74,10 @@ def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
         for delivery in planned
     ]
     make_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    # The rows go as parameters (SQLAlchemy still sends one multi-row statement): a statement
+    # built with .values(rows) is compiled anew for every event, never taken from the cache.
     inserted = session.execute(
-        make_insert(deliveries).values(rows).on_conflict_do_nothing().returning(deliveries.c.id, deliveries.c.status)
+        make_insert(deliveries).on_conflict_do_nothing().returning(deliveries.c.id, deliveries.c.status), rows
     ).all()
     return sorted(row.id for row in inserted if row.status == "pending")
 
