@@ -186,6 +186,10 @@ def main():
         reconnects = (root / "supervision.log").read_text(errors="replace").count("Connection to broker lost")
         # Its consumers' connections must all still be there (publisher connections come and go).
         report["amqp_connection_held"] = bool(before) and set(before) <= set(after) and reconnects == 0
+        if not report["amqp_connection_held"]:  # say what went
+            report["amqp_connections_gone"] = sorted(set(before) - set(after))
+            report["amqp_reconnects_logged"] = reconnects
+            report["log_tail"] = (root / "supervision.log").read_text(errors="replace").splitlines()[-15:]
         report["completed"] = report["whole"]["evaluated"] == args.cases
     finally:
         if process and process.poll() is None:
