@@ -228,3 +228,20 @@ def test_remembered_answers_are_durables_for_every_combination_of_the_facts_read
             assert [r.id for r in ruleset.fire("s", facts)] == engine.matching(facts), facts
     assert len(ruleset._fired) == 4 * 2 * 3  # street is read by no rule: it does not multiply the asking
     ruleset.close()
+
+
+@pytest.mark.parametrize(
+    "condition, text",
+    [
+        ({"fact": "text", "matches": r"\d\d"}, "0001"),
+        ({"fact": "text", "matches": r"\d{3}"}, "00001"),
+        ({"fact": "text", "contains": "拥堵拥"}, "拥堵拥堵"),
+        ({"fact": "text", "contains_any": ["路灯", "拥堵拥"]}, "拥拥堵拥堵"),
+    ],
+)
+def test_text_tests_durables_automaton_gets_wrong_are_right(condition, text):
+    """durable_rules' own regular-expression automaton says no to each of these; the adapter
+    makes text tests itself (RE2) and gives durable the outcome."""
+    rules = compiled({"r": condition})
+    assert rules.matching({"text": text}) == ["r"]
+    assert rules.matching({"text": text[:1]}) == []

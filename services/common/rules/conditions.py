@@ -14,15 +14,19 @@ Operators by fact type:
     codes (list): includes, includes_any, excludes, exists
 
 Semantics (the same in durable_rules and in ``evaluate`` below): a comparison on a fact that is
-missing is false; ``not`` is plain negation. durable_rules has no negated regular expression, so
-``not`` cannot contain a text match (``contains``, ``contains_any``, ``matches``): write the
-positive rule instead. ``matches`` takes a Python-style regular expression from a subset that
-durable_rules can run (literals, ``.``, classes, ``* + ? {m,n}``, ``|``, groups, ``\\d \\w \\s``)
-and is true when the expression is found anywhere in the text.
+missing is false; ``not`` is plain negation. ``not`` cannot contain a text match (``contains``,
+``contains_any``, ``matches``): write the positive rule instead. ``matches`` takes a Python-style
+regular expression from a subset (literals, ``.``, classes, ``* + ? {m,n}`` up to 1000, ``|``,
+groups, ``\\d \\w \\s`` as ASCII classes) and is true when the expression is found anywhere in
+the text. Text tests are made by ``text_test`` (RE2: linear time whatever the pattern); the
+engine adapter hands durable_rules their outcome (engine.py says why).
 """
 
+import functools
 import re
 from dataclasses import dataclass
+
+import re2
 
 from services.common.rules.yamlfile import line_of
 
@@ -180,10 +184,35 @@ def regex_problem(pattern) -> str | None:
     except re.error as exc:
         return f"invalid regular expression: {exc}"
     try:
-        to_durable_regex(pattern)
+        to_durable_regex(pattern)  # the supported subset
+        _compiled_pattern(pattern)
     except ValueError as exc:
         return str(exc)
     return None
+
+
+_RE2_OPTIONS = re2.Options()
+_RE2_OPTIONS.dot_nl = True  # . matches a line break too, as Python's re.DOTALL
+_RE2_OPTIONS.log_errors = False  # a refused pattern is reported to the operator, not to stderr
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled_pattern(pattern: str):
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as exc:
+        message = exc.args[0].decode() if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise ValueError(f"unsupported regular expression: {message}") from None
+
+
+def text_test(op: str, value, text: str) -> bool:
+    """``contains``, ``contains_any`` or ``matches`` on one text (RE2's \\d \\w \\s are ASCII, as
+    Python's with re.ASCII)."""
+    if op == "contains":
+        return value in text
+    if op == "contains_any":
+        return any(v in text for v in value)
+    return _compiled_pattern(value).search(text) is not None
 
 
 def to_durable_regex(pattern: str) -> str:
@@ -404,12 +433,8 @@ def _leaf_holds(tree, facts) -> bool:
         return actual in value
     if op == "not_in":
         return actual not in value
-    if op == "contains":
-        return value in actual
-    if op == "contains_any":
-        return any(v in actual for v in value)
-    if op == "matches":
-        return re.search(value, actual, re.DOTALL | re.ASCII) is not None
+    if op in TEXT_MATCHES:
+        return text_test(op, value, actual)
     if op == "includes":
         return value in actual
     if op == "includes_any":

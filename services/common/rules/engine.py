@@ -17,8 +17,12 @@ tests/unit/test_rules_engine.py proves it):
 - "Every item" is false on an empty list: lists carry one empty item that no rule can name.
 - Deleting a ruleset does not give all its memory back (about 0.1 MB each): versions are
   compiled only when the rule files' content changes.
-- Invalid regular expressions are accepted silently: conditions.py validates and translates them
-  before they reach the engine. Error messages are bare numbers: wrapped in ``RulesEngineError``.
+- Invalid regular expressions are accepted silently, and its regular-expression automaton answers
+  wrongly for some texts (``\\d\\d`` is not found in "0001", nor "拥堵拥" in "拥堵拥堵"). Text tests
+  (contains, contains_any, matches) never reach it: each is made in Python with RE2 (conditions.
+  text_test; linear time, so a hostile pattern cannot hang a service) and durable receives its
+  outcome as a boolean fact of its own; the rest of every rule is still durable's to decide.
+- Error messages are bare numbers: wrapped in ``RulesEngineError``.
 
 The C engine is not thread-safe; under eventlet an evaluation makes no blocking call, so it runs
 to completion without yielding, and a lock guards it anyway.
@@ -31,9 +35,17 @@ import uuid
 
 import durable_rules_engine
 
-from services.common.rules.conditions import MARKER, compile_condition, leaves, normalize
+from services.common.rules.conditions import (
+    MARKER,
+    TEXT_MATCHES,
+    compile_condition,
+    leaves,
+    normalize,
+    text_test,
+)
 
 _SESSION = "0"
+TEXT_TEST = "__text_test_"  # facts of our own; no service declares a fact starting with _
 _lock = threading.RLock()
 
 
@@ -60,15 +72,19 @@ class CompiledRules:
         self._engine_name = f"{name}-{uuid.uuid4().hex[:12]}"
         self._ids = itertools.count(1)
         self._handle = None
+        self._text_tests: list[tuple[str, dict]] = []  # (the fact durable tests, the text test)
         definition = {}
         for index, (rule_id, tree) in enumerate(rules.items()):
-            expression = {"$and": [{MARKER: 1}, compile_condition(tree)]}
+            expression = {"$and": [{MARKER: 1}, compile_condition(self._with_text_tests_as_facts(tree))]}
             # durable rule names are its own; ours map back by position.
             definition[f"r{index}"] = {"all": [{"m": expression}]}
         self._names = {f"r{index}": rule_id for index, rule_id in enumerate(rules)}
         # Only the facts some rule tests go to durable: the rest (titles, say) would only cost
         # encoding, and parsing again in every action message.
-        self._reads = sorted({leaf["fact"] for tree in rules.values() for leaf in leaves(tree)})
+        self._reads = sorted(
+            {leaf["fact"] for tree in rules.values() for leaf in leaves(tree) if leaf["op"] not in TEXT_MATCHES}
+        )
+        self._text_reads = sorted({leaf["fact"] for _, leaf in self._text_tests})
         if not definition:
             return
         try:
@@ -79,11 +95,28 @@ class CompiledRules:
         except durable_rules_engine.error as exc:
             raise RulesEngineError(f"durable_rules could not compile ruleset {name!r}: {exc}") from None
 
+    def _with_text_tests_as_facts(self, tree: dict) -> dict:
+        """The condition with each text test replaced by "its own fact is true"."""
+        if "all" in tree or "any" in tree:
+            key = "all" if "all" in tree else "any"
+            return {key: [self._with_text_tests_as_facts(part) for part in tree[key]]}
+        if "not" in tree:
+            return {"not": self._with_text_tests_as_facts(tree["not"])}
+        if tree["op"] not in TEXT_MATCHES:
+            return tree
+        name = f"{TEXT_TEST}{len(self._text_tests)}"
+        self._text_tests.append((name, tree))
+        return {"fact": name, "op": "eq", "value": True}
+
     def matching(self, facts: dict) -> list[str]:
         """Ids of every rule whose condition holds for ``facts``, in rule order."""
         if self._handle is None:
             return []
         fact = {k: _encode(v) for k, v in normalize({k: facts[k] for k in self._reads if k in facts}).items()}
+        texts = normalize({k: facts[k] for k in self._text_reads if k in facts})
+        for name, test in self._text_tests:
+            text = texts.get(test["fact"])
+            fact[name] = isinstance(text, str) and text_test(test["op"], test["value"], text)
         fact.update({MARKER: 1, "id": next(self._ids), "sid": _SESSION})
         body = json.dumps(fact, ensure_ascii=False)
         fired = set()
