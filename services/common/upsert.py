@@ -20,6 +20,8 @@ def insert_many_ignoring_duplicates(session, table, rows: list[dict], key) -> li
     dialect = session.get_bind().dialect.name
     make_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     columns = key if isinstance(key, tuple) else (key,)
-    statement = make_insert(table).values(rows).on_conflict_do_nothing().returning(*columns)
-    result = session.execute(statement)
+    # The rows go as parameters of one cached statement (SQLAlchemy still sends a single multi-row
+    # INSERT): a statement built with .values(rows) would be compiled anew on every call.
+    statement = make_insert(table).on_conflict_do_nothing().returning(*columns)
+    result = session.execute(statement, rows)
     return [tuple(row) for row in result] if isinstance(key, tuple) else list(result.scalars())
