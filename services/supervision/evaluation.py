@@ -10,12 +10,14 @@ each cluster's unresolved cases: the cost per case stays a few microseconds what
 of open cases (bench/sweep.py).
 """
 
+import functools
 import itertools
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 
 import eventlet
-from sqlalchemy import and_, func, select, text, true
+from sqlalchemy import Text, and_, cast, func, select, text, true
 
 from services.common.rules.ruleset import Ruleset
 from services.common.timeutil import iso
@@ -47,10 +49,19 @@ class Decision:
 
 
 def case_facts(
-    case, nearest_due, on_agenda: bool, similar_count: int, now: datetime, calendar: WorkingCalendar
+    case,
+    nearest_due,
+    on_agenda: bool,
+    similar_count: int,
+    now: datetime,
+    calendar: WorkingCalendar,
+    today=None,
+    departments=None,
 ) -> dict:
-    """The facts of one case; ``nearest_due`` is the earliest deadline among its open referrals."""
-    today = cst_date(now)
+    """The facts of one case; ``nearest_due`` is the earliest deadline among its open referrals
+    (``today``, the China date of ``now``, may be given when many cases are evaluated at once)."""
+    today = today or cst_date(now)
+    departments = list(case.departments or [] if departments is None else departments)
     facts = {
         "status": case.status,
         "unresolved": case.status != "closed",
@@ -59,8 +70,8 @@ def case_facts(
         "street": case.street,
         "source": case.source,
         "title": case.title,
-        "departments": list(case.departments or []),
-        "department_count": len(case.departments or []),
+        "departments": departments,
+        "department_count": len(departments),
         "lead_department": case.lead_department,
         "returns": case.returns,
         "extensions": case.extensions,
@@ -82,6 +93,12 @@ def case_facts(
     return facts
 
 
+@functools.lru_cache(maxsize=4096)
+def _departments(departments_json: str | None) -> tuple:
+    """Parsed once per distinct list: a million cases name a few hundred."""
+    return tuple(json.loads(departments_json)) if departments_json else ()
+
+
 def _case_rows(session, which, stream: bool = True):
     """Unresolved cases meeting ``which``, each with the facts that live in other tables, ordered
     so that a cluster's cases come together (and its count is over the cluster, not the page)."""
@@ -95,7 +112,7 @@ def _case_rows(session, which, stream: bool = True):
             c.street,
             c.source,
             c.title,
-            c.departments,
+            cast(c.departments, Text).label("departments_json"),  # parsed once per distinct value
             c.lead_department,
             c.first_referred_at,
             c.returns,
@@ -150,7 +167,7 @@ def evaluate(
         which = shard_filter(shard) if shard is not None else true()
         if changed_since is not None:
             which = and_(which, _clusters_of(and_(which, case_projection.c.changed_at >= changed_since)))
-    evaluated, decisions, reminders = 0, {}, []
+    evaluated, decisions, reminders, today = 0, {}, [], cst_date(now)
     rows = _case_rows(session, which, stream=targets is None)
     for cluster, members in itertools.groupby(rows, key=lambda row: row.cluster_key):
         members = list(members)
@@ -161,7 +178,16 @@ def evaluate(
             evaluated += 1
             if evaluated % YIELD_EVERY == 0:
                 eventlet.sleep(0)
-            facts = case_facts(case, case.nearest_due, case.on_agenda, case.similar, now, calendar)
+            facts = case_facts(
+                case,
+                case.nearest_due,
+                case.on_agenda,
+                case.similar,
+                now,
+                calendar,
+                today,
+                _departments(case.departments_json),
+            )
             for rule in ruleset.fire("escalate", facts):
                 for action, params in rule.actions:
                     scope = params.get("scope", "case")
@@ -206,7 +232,15 @@ def facts_of(session, ruleset: Ruleset, calendar: WorkingCalendar, now: datetime
     """The facts one case presents at ``now`` (for ``rules explain``)."""
     for case in _case_rows(session, _clusters_of(case_projection.c.case_id == case_id), stream=False):
         if case.case_id == case_id:
-            return case_facts(case, case.nearest_due, case.on_agenda, case.similar, now, calendar)
+            return case_facts(
+                case,
+                case.nearest_due,
+                case.on_agenda,
+                case.similar,
+                now,
+                calendar,
+                departments=_departments(case.departments_json),
+            )
     # A closed case: no cluster to count in, no open referrals.
     case = session.execute(select(case_projection).where(case_projection.c.case_id == case_id)).first()
     return case_facts(case, None, False, 1, now, calendar)

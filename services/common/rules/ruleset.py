@@ -119,11 +119,11 @@ class Ruleset:
         return self._reads[stage]
 
     def _read_values(self, stage: str, facts: dict) -> tuple:
-        # The type goes into the key too: True == 1 in Python, not to a rule.
-        return tuple(
-            (type(value), tuple(value) if isinstance(value, list) else value)
-            for value in map(facts.get, self.reads(stage))
-        )
+        values = tuple(map(facts.get, self.reads(stage)))
+        if list in map(type, values):  # lists (codes) are not hashable
+            values = tuple(tuple(v) if type(v) is list else v for v in values)
+        # The types go into the key too: True == 1 in Python, not to a rule.
+        return values, tuple(map(type, values))
 
     def explain(self, stage: str, facts: dict) -> list[dict]:
         fired = set(self.engine(stage).matching(facts))
