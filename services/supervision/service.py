@@ -11,6 +11,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+import eventlet
 from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 from sqlalchemy import select
@@ -33,6 +34,7 @@ from services.supervision.models import outbox, rule_versions
 log = logging.getLogger(__name__)
 EXPECTED = (NotFound, Forbidden, Conflict, ValidationFailed)
 APPLY_BATCH = 500
+SWEEPERS = 2  # shards swept at once by one replica
 load_supervision = with_calendar(supervision_rules.load)
 
 
@@ -153,16 +155,25 @@ class SupervisionService(ServiceBase):
         (street × category) that are due and not leased, one at a time, whole on the first pass
         of the day or of new rules, else only the clusters changed since (sweeping.py)."""
         self.rules.refresh()
+        me = self.state.setdefault("replica", sweeping.replica_name())
+        # Two sweepers, each taking one shard at a time: while one waits for PostgreSQL the other
+        # evaluates, so a sweep uses both cores (the leases keep them apart, as between replicas).
+        sweepers = eventlet.GreenPool(SWEEPERS)
+        totals = list(sweepers.imap(lambda _: self._sweep_due_shards(me), range(SWEEPERS)))
+        evaluated, decided = sum(t[0] for t in totals), sum(t[1] for t in totals)
+        if decided:
+            log.info("sweep by %s: %s cases, %s new decisions", me, evaluated, decided)
+
+    def _sweep_due_shards(self, me: str) -> tuple[int, int]:
         loaded = self.rules.get()
         ruleset = loaded.rules
         interval, lease = ruleset.settings["sweep_interval_seconds"], ruleset.settings["sweep_lease_seconds"]
-        me = self.state.setdefault("replica", sweeping.replica_name())
         evaluated, decided = 0, 0
         while True:
             with self.db.begin() as session:
                 claim = sweeping.claim_shard(session, me, now(), interval, lease)
             if claim is None:
-                break
+                return evaluated, decided
             started = now()
             today = cst_date(started)
             since = claim.changed_since(today, ruleset.version, loaded.calendar)
@@ -172,8 +183,6 @@ class SupervisionService(ServiceBase):
                 if not sweeping.release_shard(session, claim.shard, me, now(), result["evaluated"], started, whole):
                     log.warning("sweep: the lease on %s ran out mid-sweep; raise sweep_lease_seconds", claim.shard)
             evaluated, decided = evaluated + result["evaluated"], decided + len(result["decisions"])
-        if decided:
-            log.info("sweep by %s: %s cases, %s new decisions", me, evaluated, decided)
 
     # --- RPC: the operator CLI --------------------------------------------------------------
 
