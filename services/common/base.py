@@ -1,5 +1,6 @@
 """What every Huiying service has: config, its database, an event dispatcher, the outbox relay
-(a timer publishes events still pending after a failed or interrupted publish) and ``/health``.
+(a timer publishes events still pending after a failed or interrupted publish), ``/health`` and
+``/metrics``.
 
 A service subclasses ``ServiceBase`` and sets ``name`` and ``relay = OutboxRelay(its outbox)``;
 nameko finds inherited dependencies and entrypoints like its own.
@@ -19,7 +20,7 @@ from nameko.dependency_providers import Config
 from nameko.extensions import DependencyProvider
 from nameko.timer import timer
 
-from services.common import health
+from services.common import health, metrics
 from services.common.db import Database
 from services.common.http import http
 from services.common.outbox import BatchPublishing, OutboxRelay
@@ -68,3 +69,8 @@ class ServiceBase:
     @http("GET", "/health")
     def health(self, request):
         return health.respond(self.name, self.db, self.config["AMQP_URI"])
+
+    @http("GET", "/metrics")
+    def metrics(self, request):
+        """Prometheus's text format (services/common/metrics.py lists what is measured)."""
+        return metrics.respond()

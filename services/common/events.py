@@ -12,6 +12,7 @@ import logging
 from kombu import Exchange
 from nameko.events import SERVICE_POOL, EventHandler
 
+from services.common import metrics
 from services.common.retrying import DeadLetterQueue, ParkingQueueConsumer, retry_or_park
 from services.common.topology import WorkQueue, event_handler_queue
 
@@ -54,6 +55,11 @@ class ReliableEventHandler(EventHandler):
         if queue.name != self.queue.name:
             raise RuntimeError(f"event queue {queue.name} is not nameko's {self.queue.name}")
         self.queue = queue
+
+    def handle_message(self, body, message):
+        if isinstance(body, dict):
+            metrics.observe_lag(self.container.service_name, body)
+        return super().handle_message(body, message)
 
     def handle_message_processed(self, message, result=None, exc_info=None):
         if exc_info is None:

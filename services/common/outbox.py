@@ -13,6 +13,7 @@ from kombu import Connection, Exchange, Producer
 from nameko.extensions import DependencyProvider
 from sqlalchemy import JSON, Column, Index, Integer, MetaData, String, Table, insert, select, update
 
+from services.common import metrics
 from services.common.db import ON_COMMIT, UTCDateTime
 from services.common.timeutil import now, to_cst
 from services.common.topology import event_exchange
@@ -203,7 +204,13 @@ class OutboxRelay:
                 return published
             self._sent += [m["event_id"] for m in batch]
             published += len(batch)
+            self._count([m["event_type"] for m in batch])
         return published
+
+    def _count(self, event_types: list[str]):
+        service = self.table.name.removesuffix("_outbox")
+        for event_type in event_types:
+            metrics.EVENTS_PUBLISHED.labels(service, event_type).inc()
 
     def _mark_sent(self, sessions):
         while self._sent:
@@ -226,6 +233,7 @@ class OutboxRelay:
                 ).all()
             if rows:
                 _publish(dispatch, [(row.event_type, row.payload) for row in rows])
+                self._count([row.event_type for row in rows])
                 with sessions.begin() as session:
                     session.execute(
                         update(self.table).where(self.table.c.id.in_([r.id for r in rows])).values(published_at=now())

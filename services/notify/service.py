@@ -13,6 +13,7 @@ from nameko.messaging import Publisher
 from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 
+from services.common import metrics
 from services.common.base import ServiceBase
 from services.common.directory import parse_directory
 from services.common.events import reliable_event_handler
@@ -135,9 +136,11 @@ class NotifyService(ServiceBase):
         except channels.ChannelError as exc:
             settings = self.rules.get()
             if exc.retryable and claimed.attempts < settings.max_attempts:
+                metrics.NOTIFICATION_FAILURES.labels(claimed.channel, "retried").inc()
                 with self.db.begin() as session:
                     deliveries.finish(session, delivery_id, "retrying", now(), str(exc))
                 raise RetryLater(backoff_seconds(claimed.attempts)) from None
+            metrics.NOTIFICATION_FAILURES.labels(claimed.channel, "parked").inc()
             with self.db.begin() as session:
                 deliveries.finish(session, delivery_id, "failed", now(), str(exc))
             self.park({"delivery_id": delivery_id, "error": str(exc)}, routing_key=ROUTING_KEY)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.conftest import DEMO_DIRECTORY, free_port, wait_for
 
@@ -92,6 +93,21 @@ def test_up_load_submit_show_status_down(stack_env):
     assert (dead["huiying.intake.tickets.dead"], dead["huiying.events.dead"]) == (0, 0)
     assert "huiying.notify.deliveries.dead" in dead  # no SMTP server here: e-mails get parked there
 
+    # Every service serves Prometheus metrics (services/common/metrics.py).
+    intake, routing, supervision, notify = (
+        scrape(stack_env, service) for service in ("intake", "routing", "supervision", "notify")
+    )
+    assert value(intake, "huiying_events_published_total", event_type="case_received") == 59
+    routed = value(routing, "huiying_events_published_total", event_type="case_referred") + value(
+        routing, "huiying_events_published_total", event_type="case_needs_triage"
+    )
+    assert routed == 59
+    assert value(supervision, "huiying_events_published_total", event_type="case_escalated") == len(agenda) >= 1
+    assert value(supervision, "huiying_event_lag_seconds_count", event_type="case_received") == 59
+    assert value(routing, "huiying_rule_evaluation_seconds_count") >= 1
+    assert value(supervision, "huiying_rule_evaluation_seconds_count") >= 1
+    assert "huiying_notification_failures" in {family for family, _, _ in notify}
+
     # Personal data: the reporter's phone appears in no log line of any service.
     logs = Path(stack_env["HUIYING_VAR_DIR"], "log")
     assert not [path.name for path in logs.glob("*.log") if "13812345678" in path.read_text(errors="replace")]
@@ -109,3 +125,23 @@ def test_an_unreachable_broker_is_one_line_and_non_zero(tmp_path):
         assert result.returncode == 1
         assert result.stderr.strip().count("\n") == 0, result.stderr
         assert "cannot reach RabbitMQ" in result.stderr and "Traceback" not in result.stderr
+
+
+def scrape(env, service: str) -> list:
+    """``[(family, (sample name, labels), value)]`` from a service's ``/metrics`` (families with no
+    sample yet appear once, with None)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://{env[f'HUIYING_{service.upper()}_ADDRESS']}/metrics", timeout=5).text
+    return [
+        (family.name, (sample.name, sample.labels), sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    ] + [(family.name, None, None) for family in text_string_to_metric_families(text) if not family.samples]
+
+
+def value(samples: list, name: str, **labels) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels``."""
+    return sum(
+        found for _, sample, found in samples if sample and sample[0] == name and labels.items() <= sample[1].items()
+    )

@@ -19,9 +19,11 @@ so the running rules are only ever replaced by a complete, valid set.
 """
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.common import metrics
 from services.common.rules import conditions, yamlfile
 from services.common.rules.conditions import Fact
 from services.common.rules.engine import CompiledRules, RulesEngineError
@@ -104,7 +106,9 @@ class Ruleset:
         key = (stage, self._read_values(stage, facts))
         chosen = self._fired.get(key)
         if chosen is None:
+            started = time.perf_counter()
             fired = set(self.engine(stage).matching(facts))
+            metrics.RULE_EVALUATION.labels(self.name).observe(time.perf_counter() - started)
             chosen = sorted((r for r in self.stage(stage) if r.id in fired), key=lambda r: -r.priority)
             if len(self._fired) >= FIRED_REMEMBERED:
                 self._fired.clear()  # titles or free text in a condition: combinations need not repeat

@@ -1,0 +1,52 @@
+"""Prometheus metrics, served by every service at ``GET /metrics`` (one registry per process).
+
+What is measured, and where:
+- ``huiying_events_published_total{service, event_type}``: every event a service got out of its
+  outbox (outbox.py). Cases received are intake's ``case_received``, cases routed routing's
+  ``case_referred`` and ``case_needs_triage``, escalations supervision's ``case_escalated``.
+- ``huiying_event_lag_seconds{service, event_type}``: from an event's occurrence to its handler
+  starting in this service — how far behind its queue is (events.py).
+- ``huiying_rule_evaluation_seconds{ruleset}``: one durable_rules evaluation (rules/ruleset.py;
+  answers remembered for repeated facts are not evaluations).
+- ``huiying_notification_failures_total{channel, outcome}``: a delivery that failed and will be
+  retried, or was parked after its last attempt (notify).
+"""
+
+from datetime import datetime, timezone
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+EVENTS_PUBLISHED = Counter(
+    "huiying_events_published_total", "Events published from a service's outbox", ["service", "event_type"]
+)
+EVENT_LAG = Histogram(
+    "huiying_event_lag_seconds",
+    "From an event's occurrence to its handler starting",
+    ["service", "event_type"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+RULE_EVALUATION = Histogram(
+    "huiying_rule_evaluation_seconds",
+    "One durable_rules evaluation",
+    ["ruleset"],
+    buckets=(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
+)
+NOTIFICATION_FAILURES = Counter(
+    "huiying_notification_failures_total", "Deliveries that failed: retried or parked", ["channel", "outcome"]
+)
+
+
+def observe_lag(service: str, event: dict) -> None:
+    """Record how long ago ``event`` occurred; an event without a readable time is not counted."""
+    try:
+        occurred = datetime.fromisoformat(event["occurred_at"])
+    except (KeyError, TypeError, ValueError):
+        return
+    lag = (datetime.now(timezone.utc) - occurred).total_seconds()
+    EVENT_LAG.labels(service, event.get("event_type", "?")).observe(max(0.0, lag))
+
+
+def respond():
+    from werkzeug.wrappers import Response
+
+    return Response(generate_latest(), status=200, content_type=CONTENT_TYPE_LATEST)
