@@ -139,6 +139,12 @@ def _case_rows(session, which, stream: bool = True):
     return session.execute(query.execution_options(yield_per=ROWS_PER_FETCH))
 
 
+def _row_facts(case, now: datetime, calendar: WorkingCalendar, today=None) -> dict:
+    """The facts of a row of ``_case_rows``."""
+    departments = _departments(case.departments_json)
+    return case_facts(case, case.nearest_due, case.on_agenda, case.similar, now, calendar, today, departments)
+
+
 def _clusters_of(condition):
     """Every case of the clusters that have a case meeting ``condition`` (closed ones included:
     a case closing changes its cluster's count)."""
@@ -178,16 +184,7 @@ def evaluate(
             evaluated += 1
             if evaluated % YIELD_EVERY == 0:
                 eventlet.sleep(0)
-            facts = case_facts(
-                case,
-                case.nearest_due,
-                case.on_agenda,
-                case.similar,
-                now,
-                calendar,
-                today,
-                _departments(case.departments_json),
-            )
+            facts = _row_facts(case, now, calendar, today)
             for rule in ruleset.fire("escalate", facts):
                 for action, params in rule.actions:
                     scope = params.get("scope", "case")
@@ -232,15 +229,7 @@ def facts_of(session, ruleset: Ruleset, calendar: WorkingCalendar, now: datetime
     """The facts one case presents at ``now`` (for ``rules explain``)."""
     for case in _case_rows(session, _clusters_of(case_projection.c.case_id == case_id), stream=False):
         if case.case_id == case_id:
-            return case_facts(
-                case,
-                case.nearest_due,
-                case.on_agenda,
-                case.similar,
-                now,
-                calendar,
-                departments=_departments(case.departments_json),
-            )
+            return _row_facts(case, now, calendar)
     # A closed case: no cluster to count in, no open referrals.
     case = session.execute(select(case_projection).where(case_projection.c.case_id == case_id)).first()
     return case_facts(case, None, False, 1, now, calendar)
