@@ -3,11 +3,15 @@
 from sqlalchemy.dialects import postgresql, sqlite
 
 
+def dialect_insert(session, table):
+    """An INSERT that can take ON CONFLICT clauses, for the session's database."""
+    make_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return make_insert(table)
+
+
 def insert_ignoring_duplicates(session, table, values: dict) -> bool:
     """Insert unless the primary/unique key exists; True when a row was inserted."""
-    dialect = session.get_bind().dialect.name
-    make_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    result = session.execute(make_insert(table).values(**values).on_conflict_do_nothing())
+    result = session.execute(dialect_insert(session, table).values(**values).on_conflict_do_nothing())
     return result.rowcount == 1
 
 
@@ -17,11 +21,9 @@ def insert_many_ignoring_duplicates(session, table, rows: list[dict], key) -> li
     be a tuple of columns: the values are then tuples."""
     if not rows:
         return []
-    dialect = session.get_bind().dialect.name
-    make_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     columns = key if isinstance(key, tuple) else (key,)
     # The rows go as parameters of one cached statement (SQLAlchemy still sends a single multi-row
     # INSERT): a statement built with .values(rows) would be compiled anew on every call.
-    statement = make_insert(table).on_conflict_do_nothing().returning(*columns)
+    statement = dialect_insert(session, table).on_conflict_do_nothing().returning(*columns)
     result = session.execute(statement, rows)
     return [tuple(row) for row in result] if isinstance(key, tuple) else list(result.scalars())

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from services.common.directory import Directory, parse_directory
@@ -17,6 +16,7 @@ from services.common.http import NotFound, ValidationFailed
 from services.common.outbox import add_event
 from services.common.privacy import mask_phone, mask_phones_in_text
 from services.common.timeutil import CST, iso, now
+from services.common.upsert import dialect_insert
 from services.intake.models import case_counters, cases, directory_versions, outbox
 from services.intake.schemas import CaseSubmission
 
@@ -119,9 +119,8 @@ def classify(submission: CaseSubmission, directory: Directory | None) -> dict:
 def _next_case_number(session, year: int) -> int:
     # One statement: the year's row is created at 1 or incremented. The update takes the row
     # lock, so concurrent submissions queue here until commit and numbers never repeat.
-    make_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
     return session.execute(
-        make_insert(case_counters)
+        dialect_insert(session, case_counters)
         .values(year=year, last_number=1)
         .on_conflict_do_update(
             index_elements=[case_counters.c.year], set_={"last_number": case_counters.c.last_number + 1}

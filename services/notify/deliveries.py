@@ -4,10 +4,9 @@ from collections import OrderedDict
 from datetime import datetime, time, timedelta
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common.timeutil import CST, iso
-from services.common.upsert import insert_ignoring_duplicates
+from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
 from services.notify.models import deliveries, notify_cases
 from services.notify.planning import Delivery, masked_address, recipient_name
 
@@ -73,13 +72,8 @@ def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
         )
         for delivery in planned
     ]
-    make_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    # The rows go as parameters (SQLAlchemy still sends one multi-row statement): a statement
-    # built with .values(rows) is compiled anew for every event, never taken from the cache.
-    inserted = session.execute(
-        make_insert(deliveries).on_conflict_do_nothing().returning(deliveries.c.id, deliveries.c.status), rows
-    ).all()
-    return sorted(row.id for row in inserted if row.status == "pending")
+    inserted = insert_many_ignoring_duplicates(session, deliveries, rows, (deliveries.c.id, deliveries.c.status))
+    return sorted(delivery_id for delivery_id, status in inserted if status == "pending")
 
 
 def claim(session, delivery_id: int, now):

@@ -11,11 +11,10 @@ from datetime import datetime, timedelta
 from types import SimpleNamespace
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
-from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
+from services.common.upsert import dialect_insert, insert_ignoring_duplicates, insert_many_ignoring_duplicates
 from services.supervision.clusters import bigrams, cluster_key, clusters_to_join
 from services.supervision.models import case_projection, referral_projection, sweep_shards, timeline
 
@@ -144,9 +143,7 @@ def register_shard(session, street: str | None, category: str | None) -> None:
 def _register_and_lock_shard(session, street: str, category: str) -> None:
     """Register the shard and lock its row until the transaction ends, in one statement (an
     upsert that touches the row takes its lock, as SELECT … FOR UPDATE would)."""
-    dialect = session.get_bind().dialect.name
-    make_insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = make_insert(sweep_shards).values(street=street, category=category)
+    statement = dialect_insert(session, sweep_shards).values(street=street, category=category)
     session.execute(
         statement.on_conflict_do_update(
             index_elements=[sweep_shards.c.street, sweep_shards.c.category],
