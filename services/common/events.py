@@ -1,4 +1,8 @@
-"""Event handlers whose failures neither lose the event nor spin on it.
+"""Event handlers whose failures neither lose the event nor spin on it, one event at a time
+(``reliable_event_handler``) or every event waiting at once (``event_batch_handler``).
+
+A handler's queue is named after its service and method (``evt-intake-case_received--routing.
+on_case_received``): renaming a handler method would strand the events waiting in the old queue.
 
 nameko acks an event whose handler raised, unless ``requeue_on_error`` — and then it is redelivered
 at once, again and again, for as long as the handler fails (a poison event spins a core). Here a
@@ -13,6 +17,7 @@ from kombu import Exchange
 from nameko.events import SERVICE_POOL, EventHandler
 
 from services.common import metrics
+from services.common.batching import DEFAULT_MAX_BATCH, Batching
 from services.common.retrying import DeadLetterQueue, ParkingQueueConsumer, retry_or_park
 from services.common.topology import WorkQueue, event_handler_queue
 
@@ -35,7 +40,7 @@ def retry_queue_for(queue_name: str) -> WorkQueue:
     )
 
 
-class ReliableEventHandler(EventHandler):
+class ReliableEventHandler(Batching, EventHandler):
     queue_consumer = ParkingQueueConsumer(DEAD_LETTER)  # a body that is not JSON is parked at once
 
     def __init__(self, *args, **kwargs):
@@ -59,7 +64,7 @@ class ReliableEventHandler(EventHandler):
     def handle_message(self, body, message):
         if isinstance(body, dict):
             metrics.observe_lag(self.container.service_name, body)
-        return super().handle_message(body, message)
+        super().handle_message(body, message)
 
     def handle_message_processed(self, message, result=None, exc_info=None):
         if exc_info is None:
@@ -83,3 +88,9 @@ class ReliableEventHandler(EventHandler):
 
 
 reliable_event_handler = ReliableEventHandler.decorator
+
+
+def event_batch_handler(source_service: str, event_type: str, max_batch: int = DEFAULT_MAX_BATCH):
+    """As ``reliable_event_handler``, but the method gets a list of events: every one waiting in
+    its queue, up to ``max_batch`` (batching.py)."""
+    return ReliableEventHandler.decorator(source_service, event_type, max_batch=max_batch)

@@ -40,21 +40,29 @@ def outbox_table(metadata: MetaData, service: str) -> Table:
 
 def add_event(session, table: Table, event_type: str, payload: dict) -> dict:
     """Queue an event in the caller's transaction; returns the payload as it will be sent."""
+    return add_events(session, table, [(event_type, payload)])[0]
+
+
+def add_events(session, table: Table, events: list[tuple[str, dict]]) -> list[dict]:
+    """Queue ``(event_type, payload)`` events in the caller's transaction, in one statement;
+    returns the payloads as they will be sent."""
+    if not events:
+        return []
     created = now()
     # Full precision: consumers order events by it.
-    message = {
-        "event_id": str(uuid.uuid4()),
-        "event_type": event_type,
-        "occurred_at": to_cst(created).isoformat(),
-        **payload,
-    }
+    occurred_at = to_cst(created).isoformat()
+    messages = [
+        {"event_id": str(uuid.uuid4()), "event_type": event_type, "occurred_at": occurred_at, **payload}
+        for event_type, payload in events
+    ]
     session.execute(
-        insert(table).values(event_id=message["event_id"], event_type=event_type, payload=message, created_at=created)
+        insert(table),
+        [dict(event_id=m["event_id"], event_type=m["event_type"], payload=m, created_at=created) for m in messages],
     )
     # handed to the service's relay when the transaction commits (db.Database), to be published
     # from memory without being read back
-    session.info.setdefault(ON_COMMIT, []).append((table.name, message))
-    return message
+    session.info.setdefault(ON_COMMIT, []).extend((table.name, m) for m in messages)
+    return messages
 
 
 class BatchPublisher:

@@ -11,6 +11,7 @@ from kombu import Exchange, Queue
 from nameko.amqp.publish import Publisher
 from nameko.messaging import QueueConsumer
 
+from services.common.batching import Batching
 from services.common.timeutil import iso, now
 from services.common.topology import WorkQueue
 
@@ -177,7 +178,16 @@ class ParkingQueueConsumer(QueueConsumer):
             shared._consumers_ready.wait()
         super().start()
 
+    def handle_message(self, provider, body, message):
+        if isinstance(provider, Batching):
+            provider.handle_message(body, message)  # it only notes the message: no thread needed
+        else:
+            super().handle_message(provider, body, message)
+
     def get_consumers(self, consumer_cls, channel):
+        # A channel's consumers all get the prefetch set last before they start (basic.qos
+        # applies to consumers started after it): the largest any provider asks for.
+        prefetch = max([self.prefetch_count, *(getattr(p, "prefetch_count", 0) for p in self._providers)])
         for provider in self._providers:
             consumer = consumer_cls(
                 queues=[provider.queue],
@@ -185,7 +195,7 @@ class ParkingQueueConsumer(QueueConsumer):
                 accept=self.accept_types,
                 on_decode_error=partial(self.on_undecodable, provider),
             )
-            consumer.qos(prefetch_count=self.prefetch_count)
+            consumer.qos(prefetch_count=prefetch)
             self._consumers[provider] = consumer
         return self._consumers.values()
 

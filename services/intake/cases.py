@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.common.directory import Directory, parse_directory
 from services.common.http import NotFound, ValidationFailed
-from services.common.outbox import add_event
+from services.common.outbox import add_event, add_events
 from services.common.privacy import mask_phone, mask_phones_in_text
 from services.common.timeutil import CST, iso, now
 from services.common.upsert import dialect_insert
@@ -116,54 +116,110 @@ def classify(submission: CaseSubmission, directory: Directory | None) -> dict:
     return values
 
 
-def _next_case_number(session, year: int) -> int:
-    # One statement: the year's row is created at 1 or incremented. The update takes the row
-    # lock, so concurrent submissions queue here until commit and numbers never repeat.
-    return session.execute(
+def _reserve_case_numbers(session, year: int, count: int) -> int:
+    """The first of ``count`` consecutive case numbers for ``year``, reserved in one statement:
+    the year's row is created or incremented by ``count``. The update takes the row lock, so
+    concurrent submissions queue here until commit and numbers never repeat."""
+    last = session.execute(
         dialect_insert(session, case_counters)
-        .values(year=year, last_number=1)
+        .values(year=year, last_number=count)
         .on_conflict_do_update(
-            index_elements=[case_counters.c.year], set_={"last_number": case_counters.c.last_number + 1}
+            index_elements=[case_counters.c.year], set_={"last_number": case_counters.c.last_number + count}
         )
         .returning(case_counters.c.last_number)
     ).scalar_one()
+    return last - count + 1
 
 
 def find_by_external_id(session, source: str, external_id: str) -> str | None:
     return session.scalar(select(cases.c.id).where(cases.c.source == source, cases.c.external_id == external_id))
 
 
+def _known_ids(session, submissions: list[CaseSubmission]) -> dict[tuple, str]:
+    """``{(source, external id): case id}`` of the submissions already stored, in one query."""
+    sources = {s.source for s in submissions}
+    external_ids = {s.external_id for s in submissions}
+    rows = session.execute(
+        select(cases.c.source, cases.c.external_id, cases.c.id).where(
+            cases.c.source.in_(sources), cases.c.external_id.in_(external_ids)
+        )
+    )
+    return {(row.source, row.external_id): row.id for row in rows}
+
+
 def submit(
     sessions, submission: CaseSubmission, channel: str, directory_cache: DirectoryCache, prefix: str
 ) -> Submitted:
-    """Store the case and its ``case_received`` event in one transaction; a resend of the same
-    (source, external id) answers with the existing case. The resend check, classification and
-    the writes share that transaction (one connection and round trip less per case)."""
+    """Store one case (see ``submit_many``); an unknown code is a ValidationFailed."""
+    result = submit_many(sessions, [submission], channel, directory_cache, prefix)[0]
+    if isinstance(result, ValidationFailed):
+        raise result
+    return result
+
+
+def submit_many(
+    sessions, submissions: list[CaseSubmission], channel: str, directory_cache: DirectoryCache, prefix: str
+) -> list:
+    """Store each new case with its ``case_received`` event, all in one transaction; one result
+    per submission, in order: ``Submitted``, or the ``ValidationFailed`` of a submission naming a
+    code the directory does not know (the others are stored all the same). A resend of a known
+    (source, external id), here or earlier in the list, answers with the existing case."""
+    if not submissions:
+        return []
     try:
         with sessions.begin() as session:
-            existing = find_by_external_id(session, submission.source, submission.external_id)
-            if existing:
-                return Submitted(existing, False)
-            values = classify(submission, directory_cache.current(session))
-            received_at = values.pop("received_at") or now()
-            stamp = now()
-            year = received_at.astimezone(CST).year
-            case_id = f"{prefix}-{year}-{_next_case_number(session, year):06d}"
-            session.execute(
-                insert(cases).values(
-                    id=case_id, channel=channel, status=RECEIVED, received_at=received_at, updated_at=stamp, **values
-                )
-            )
-            add_event(session, outbox, "case_received", case_event(case_id, channel, values, received_at))
-        log.info("case %s received from %s via %s", case_id, submission.source, channel)
-        return Submitted(case_id, True)
+            results = _store_new(session, submissions, channel, directory_cache.current(session), prefix)
     except IntegrityError:
-        # Another worker stored the same (source, external id) a moment ago.
+        # Another worker stored one of these (source, external id) a moment ago.
+        if len(submissions) > 1:
+            return [submit_many(sessions, [s], channel, directory_cache, prefix)[0] for s in submissions]
         with sessions() as session:
-            existing = find_by_external_id(session, submission.source, submission.external_id)
+            existing = find_by_external_id(session, submissions[0].source, submissions[0].external_id)
         if existing is None:
             raise
-        return Submitted(existing, False)
+        return [Submitted(existing, False)]
+    for submission, result in zip(submissions, results):
+        if isinstance(result, Submitted) and result.created:
+            log.info("case %s received from %s via %s", result.case_id, submission.source, channel)
+    return results
+
+
+def _store_new(session, submissions, channel, directory, prefix) -> list:
+    known = _known_ids(session, submissions)
+    results: list = []
+    new = []  # (position in results, values, received_at)
+    first_at: dict[tuple, int] = {}  # (source, external id) → position of its new case
+    for submission in submissions:
+        key = (submission.source, submission.external_id)
+        if key in known:
+            results.append(Submitted(known[key], False))
+        elif key in first_at:
+            results.append(first_at[key])  # a resend within the list: resolved once ids are given
+        else:
+            try:
+                values = classify(submission, directory)
+            except ValidationFailed as exc:
+                results.append(exc)
+                continue
+            first_at[key] = len(results)
+            new.append((len(results), values, values.pop("received_at") or now()))
+            results.append(None)
+    if not new:
+        return results
+    years = [received_at.astimezone(CST).year for _, _, received_at in new]
+    next_number = {year: _reserve_case_numbers(session, year, years.count(year)) for year in sorted(set(years))}
+    stamp, rows, events = now(), [], []
+    for (position, values, received_at), year in zip(new, years):
+        case_id = f"{prefix}-{year}-{next_number[year]:06d}"
+        next_number[year] += 1
+        results[position] = Submitted(case_id, True)
+        rows.append(
+            dict(id=case_id, channel=channel, status=RECEIVED, received_at=received_at, updated_at=stamp, **values)
+        )
+        events.append(("case_received", case_event(case_id, channel, values, received_at)))
+    session.execute(insert(cases), rows)  # one multi-row INSERT
+    add_events(session, outbox, events)
+    return [Submitted(results[r].case_id, False) if isinstance(r, int) else r for r in results]
 
 
 def case_event(case_id: str, channel: str, values: dict, received_at) -> dict:

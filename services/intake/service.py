@@ -9,8 +9,9 @@ from sqlalchemy import select
 
 from services.common.auth import request_key
 from services.common.base import ServiceBase
+from services.common.batching import DEFAULT_MAX_BATCH
 from services.common.directory import DirectoryError, parse_directory
-from services.common.events import reliable_event_handler
+from services.common.events import event_batch_handler
 from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_body, json_response
 from services.common.outbox import OutboxRelay
 from services.intake import cases, credentials, open311
@@ -42,11 +43,17 @@ class IntakeService(ServiceBase):
         return self.state.setdefault("directory_cache", cases.DirectoryCache())
 
     def _submit(self, data, channel: str) -> cases.Submitted:
-        submission = parse_submission(data)
-        result = cases.submit(self.db, submission, channel, self._directory_cache(), self.config["HUIYING_CASE_PREFIX"])
-        if result.created:
-            self.publish_events()
+        result = self._submit_many([parse_submission(data)], channel)[0]
+        if isinstance(result, ValidationFailed):
+            raise result
         return result
+
+    def _submit_many(self, submissions: list, channel: str) -> list:
+        """Store the submissions in one transaction (cases.submit_many), then publish their events."""
+        prefix = self.config["HUIYING_CASE_PREFIX"]
+        results = cases.submit_many(self.db, submissions, channel, self._directory_cache(), prefix)
+        self.publish_events()
+        return results
 
     def _caller(self, request, roles=("source", "staff")) -> dict:
         key = request_key(request)
@@ -73,14 +80,22 @@ class IntakeService(ServiceBase):
 
     @rpc
     def submit_cases(self, rows: list, channel: str = "import") -> list:
-        """Batch submit: one result per row, ``{"id", "created"}`` or ``{"error", "details"}``."""
-        results = []
+        """Batch submit, in one transaction: one result per row, ``{"id", "created"}`` or
+        ``{"error", "details"}``."""
+        parsed = []
         for data in rows:
             try:
-                result = self._submit(data, channel)
-                results.append({"id": result.case_id, "created": result.created})
+                parsed.append(parse_submission(data))
             except ValidationFailed as exc:
-                results.append({"error": exc.message, "details": exc.details})
+                parsed.append(exc)
+        stored = iter(self._submit_many([p for p in parsed if not isinstance(p, ValidationFailed)], channel))
+        results = []
+        for item in parsed:
+            result = item if isinstance(item, ValidationFailed) else next(stored)
+            if isinstance(result, ValidationFailed):
+                results.append({"error": result.message, "details": result.details})
+            else:
+                results.append({"id": result.case_id, "created": result.created})
         return results
 
     @rpc(expected_exceptions=(NotFound,))
@@ -121,29 +136,39 @@ class IntakeService(ServiceBase):
 
     # --- status from routing (what the JSON API and Open311 report back) ---------------------
 
-    @reliable_event_handler("routing", "case_referred")
-    @reliable_event_handler("routing", "case_needs_triage")
-    @reliable_event_handler("routing", "referral_replied")
-    @reliable_event_handler("routing", "case_reopened")
-    @reliable_event_handler("routing", "case_closed")
-    def on_routing_status(self, event):
+    @event_batch_handler("routing", "case_referred")
+    @event_batch_handler("routing", "case_needs_triage")
+    @event_batch_handler("routing", "referral_replied")
+    @event_batch_handler("routing", "case_reopened")
+    @event_batch_handler("routing", "case_closed")
+    def on_routing_status(self, events: list):
         with self.db.begin() as session:
-            cases.apply_routing_status(session, event)
+            for event in events:
+                cases.apply_routing_status(session, event)
 
     # --- AMQP ticket queue -------------------------------------------------------------------
 
-    @consume_tickets()
-    def receive_ticket(self, body):
-        if isinstance(body, (bytes, str)):
+    @consume_tickets(max_batch=DEFAULT_MAX_BATCH)
+    def receive_tickets(self, bodies: list):
+        """Every ticket waiting, stored in one transaction; the invalid ones dead-lettered with
+        their reason once the valid ones are stored (a failed batch is tried ticket by ticket)."""
+        valid, invalid = [], []  # (body, submission), (body, reason)
+        for body in bodies:
             try:
-                body = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                self.dead_letter(body if isinstance(body, bytes) else body.encode(), f"body is not JSON: {exc}")
-                return
-        try:
-            self._submit(body, "amqp")
-        except ValidationFailed as exc:
-            reason = exc.message + ": " + "; ".join(f"{d['field']}: {d['problem']}" for d in exc.details)
+                if isinstance(body, (bytes, str)):
+                    try:
+                        body = json.loads(body)
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        invalid.append((body if isinstance(body, bytes) else body.encode(), f"body is not JSON: {exc}"))
+                        continue
+                valid.append((body, parse_submission(body)))
+            except ValidationFailed as exc:
+                invalid.append((body, _reason(exc)))
+        results = self._submit_many([submission for _, submission in valid], "amqp")
+        invalid += [
+            (body, _reason(result)) for (body, _), result in zip(valid, results) if isinstance(result, Exception)
+        ]
+        for body, reason in invalid:
             self.dead_letter(body, reason)
 
     # --- HTTP: health and the JSON API -----------------------------------------------------
@@ -277,3 +302,7 @@ class IntakeService(ServiceBase):
     def _category_names(self) -> dict:
         directory = self._directory()
         return {c.code: c.name for c in directory.categories} if directory else {}
+
+
+def _reason(exc: ValidationFailed) -> str:
+    return exc.message + ": " + "; ".join(f"{d['field']}: {d['problem']}" for d in exc.details)

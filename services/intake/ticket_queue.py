@@ -15,6 +15,7 @@ from kombu import Exchange, Queue
 from nameko.extensions import DependencyProvider
 from nameko.messaging import Consumer
 
+from services.common.batching import Batching
 from services.common.retrying import DeadLetterQueue, ParkingQueueConsumer, retry_or_park, retry_queue
 from services.common.topology import WorkQueue
 
@@ -57,10 +58,11 @@ class DeadLetters(DependencyProvider):
         return dead_letter
 
 
-class TicketConsumer(Consumer):
+class TicketConsumer(Batching, Consumer):
     """Invalid tickets never raise (the handler dead-letters them); a ticket whose handling raises
     is retried later by the broker, and parked in the dead-letter queue after MAX_ATTEMPTS. It is
-    never acked away unhandled: if even the retry cannot be published, it is requeued."""
+    never acked away unhandled: if even the retry cannot be published, it is requeued. With
+    ``max_batch`` above 1 the handler gets every ticket waiting, as a list (batching.py)."""
 
     # A ticket it cannot decode goes to the dead-letter queue with the reason.
     queue_consumer = ParkingQueueConsumer(DEAD_LETTER, accept_types=("json", "text/plain", "application/octet-stream"))

@@ -11,9 +11,8 @@ from services.notify.models import deliveries, notify_cases
 from services.notify.planning import Delivery, masked_address, recipient_name
 
 
-def record_case(session, event: dict) -> dict | None:
-    """Store what notify needs of a case, once: the row, or None when it was already stored."""
-    row = dict(
+def _case_row(event: dict) -> dict:
+    return dict(
         case_id=event["case_id"],
         source=event["source"],
         external_id=event["external_id"],
@@ -22,12 +21,24 @@ def record_case(session, event: dict) -> dict | None:
         category=event.get("category"),
         workstation=event.get("workstation"),
     )
+
+
+def record_case(session, event: dict) -> dict | None:
+    """Store what notify needs of a case, once: the row, or None when it was already stored."""
+    row = _case_row(event)
     return row if insert_ignoring_duplicates(session, notify_cases, row) else None
 
 
-def case_of(session, case_id: str) -> dict | None:
-    row = session.execute(select(notify_cases).where(notify_cases.c.case_id == case_id)).first()
-    return row._asdict() if row else None
+def record_cases(session, events: list[dict]) -> list[dict]:
+    """``record_case`` for many, in one statement: the rows stored now."""
+    rows = list({event["case_id"]: _case_row(event) for event in events}.values())
+    stored = set(insert_many_ignoring_duplicates(session, notify_cases, rows, notify_cases.c.case_id))
+    return [row for row in rows if row["case_id"] in stored]
+
+
+def cases_of(session, case_ids) -> dict[str, dict]:
+    rows = session.execute(select(notify_cases).where(notify_cases.c.case_id.in_(list(case_ids)))).all()
+    return {row.case_id: row._asdict() for row in rows}
 
 
 class RecentCases:
@@ -53,8 +64,11 @@ class RecentCases:
 def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
     """Store the deliveries; the ids of those not stored before (a redelivered event adds none)
     that are to be sent now (held ones wait for the digest). One statement for them all."""
-    if not planned:
-        return []
+    return record_many(session, [(event, planned)], now)
+
+
+def record_many(session, owed: list[tuple[dict, list[Delivery]]], now) -> list[int]:
+    """``record`` for the deliveries of many events, in one statement."""
     rows = [
         dict(
             event_id=event["event_id"],
@@ -70,28 +84,45 @@ def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
             created_at=now,
             updated_at=now,
         )
+        for event, planned in owed
         for delivery in planned
     ]
+    if not rows:
+        return []
     inserted = insert_many_ignoring_duplicates(session, deliveries, rows, (deliveries.c.id, deliveries.c.status))
     return sorted(delivery_id for delivery_id, status in inserted if status == "pending")
 
 
-def claim(session, delivery_id: int, now):
-    """Take a delivery for sending; None when it is sent, being sent, or parked."""
-    claimed = session.execute(
+def claim(session, delivery_ids: list[int], now) -> list:
+    """Take deliveries for sending, in one statement; those sent, being sent or parked are not
+    taken (a duplicate work message sends nothing)."""
+    if not delivery_ids:
+        return []
+    return session.execute(
         update(deliveries)
-        .where(deliveries.c.id == delivery_id, deliveries.c.status.in_(("pending", "retrying")))
+        .where(deliveries.c.id.in_(delivery_ids), deliveries.c.status.in_(("pending", "retrying")))
         .values(status="sending", attempts=deliveries.c.attempts + 1, updated_at=now)
         .returning(deliveries)
-    ).first()
-    return claimed
+    ).all()
 
 
-def finish(session, delivery_id: int, status: str, now, error: str | None = None):
-    values = {"status": status, "updated_at": now, "last_error": error}
-    if status == "sent":
-        values["sent_at"] = now
-    session.execute(update(deliveries).where(deliveries.c.id == delivery_id).values(**values))
+def finish(session, outcomes: list[tuple[int, str, str | None]], now):
+    """Record how each send went, ``(delivery id, status, error)``: the sent ones in one statement,
+    the others one each (failures are few)."""
+    sent = [delivery_id for delivery_id, status, _ in outcomes if status == "sent"]
+    if sent:
+        session.execute(
+            update(deliveries)
+            .where(deliveries.c.id.in_(sent))
+            .values(status="sent", updated_at=now, sent_at=now, last_error=None)
+        )
+    for delivery_id, status, error in outcomes:
+        if status != "sent":
+            session.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id)
+                .values(status=status, updated_at=now, last_error=error)
+            )
 
 
 def view(row) -> dict:

@@ -15,8 +15,9 @@ from nameko.timer import timer
 
 from services.common import metrics
 from services.common.base import ServiceBase
+from services.common.batching import DEFAULT_MAX_BATCH, SomeFailed
 from services.common.directory import parse_directory
-from services.common.events import reliable_event_handler
+from services.common.events import event_batch_handler, reliable_event_handler
 from services.common.outbox import BatchPublishing, OutboxRelay
 from services.common.retrying import backoff_seconds
 from services.common.rules.provider import Rules
@@ -30,8 +31,10 @@ from services.notify.queue import (
     EXCHANGE,
     QUEUE,
     ROUTING_KEY,
-    RetryLater,
     consume_deliveries,
+    delivery_ids_in,
+    retry_later,
+    work_messages,
 )
 
 log = logging.getLogger(__name__)
@@ -54,12 +57,25 @@ class NotifyService(ServiceBase):
             self.state["directory"] = parse_directory(document) if document else None
         return self.state["directory"]
 
-    def _owe(self, event: dict):
-        """Record what this event owes to whom (once), then enqueue it. No RPC inside a transaction."""
+    def _owe(self, events: list[dict]):
+        """Record what these events owe to whom (each once), then enqueue it. No RPC inside a
+        transaction. An event whose case notify has not stored yet waits for it (retried)."""
         settings = self.rules.get()
-        case = self._case(event["case_id"])
-        if case is None:
-            raise LookupError(f"case {event['case_id']} not seen yet")  # requeued until case_received lands
+        cases = self._cases({event["case_id"] for event in events})
+        owed, errors = [], {}
+        for position, event in enumerate(events):
+            case = cases.get(event["case_id"])
+            if case is None:  # its case_received has not been handled yet
+                errors[position] = LookupError(f"case {event['case_id']} not seen yet")
+            else:
+                owed.append((event, self._plan(settings, event, case)))
+        with self.db.begin() as session:
+            new_ids = deliveries.record_many(session, owed, now())
+        self._enqueue(new_ids)
+        if errors:
+            raise SomeFailed(errors)
+
+    def _plan(self, settings, event: dict, case: dict) -> list[planning.Delivery]:
         needs_citizen = any(route.event == event["event_type"] and "citizen" in route.to for route in settings.routes)
         phone = self.intake.get_reporter_contact(event["case_id"])["phone"] if needs_citizen else None
         planned = planning.plan(settings, event, case, self._directory(), phone)
@@ -79,75 +95,89 @@ class NotifyService(ServiceBase):
                     json.dumps(update, ensure_ascii=False),
                 )
             )
-        with self.db.begin() as session:
-            new_ids = deliveries.record(session, event, planned, now())
-        self._enqueue(new_ids)
+        return planned
 
     def _recent_cases(self) -> deliveries.RecentCases:
         return self.state.setdefault("recent_cases", deliveries.RecentCases())
 
-    def _case(self, case_id: str) -> dict | None:
-        case = self._recent_cases().get(case_id)
-        if case is None:
+    def _cases(self, case_ids: set) -> dict[str, dict]:
+        """The cases notify has stored, from memory, or else in one query."""
+        recent = self._recent_cases()
+        found = {case_id: recent.get(case_id) for case_id in case_ids}
+        missing = [case_id for case_id, case in found.items() if case is None]
+        if missing:
             with self.db() as session:
-                case = deliveries.case_of(session, case_id)
-            if case is not None:
-                self._recent_cases().put(case)
-        return case
+                for case in deliveries.cases_of(session, missing).values():
+                    recent.put(case)
+                    found[case["case_id"]] = case
+        return found
 
     def _enqueue(self, delivery_ids: list[int]):
-        """One work message per delivery, all confirmed by the broker at once."""
-        self.enqueue.publish_batch([(ROUTING_KEY, {"delivery_id": delivery_id}) for delivery_id in delivery_ids])
+        """Work messages naming the deliveries, all confirmed by the broker at once."""
+        self.enqueue.publish_batch(work_messages(delivery_ids))
 
-    @reliable_event_handler("intake", "case_received")
-    def on_case_received(self, event):
+    @event_batch_handler("intake", "case_received")
+    def on_case_received(self, events: list):
         with self.db.begin() as session:
-            stored = deliveries.record_case(session, event)
-        if stored is not None:
-            self._recent_cases().put(stored)
+            stored = deliveries.record_cases(session, events)
+        for case in stored:
+            self._recent_cases().put(case)
 
     @reliable_event_handler("intake", "directory_loaded")
     def on_directory_loaded(self, event):
         self.state.pop("directory", None)
 
     # One handler, one queue per event type (nameko names each queue after the type).
-    @reliable_event_handler("routing", "case_referred")
-    @reliable_event_handler("routing", "case_needs_triage")
-    @reliable_event_handler("routing", "referral_replied")
-    @reliable_event_handler("routing", "case_reopened")
-    @reliable_event_handler("routing", "case_closed")
-    @reliable_event_handler("supervision", "case_escalated")
-    @reliable_event_handler("supervision", "department_reminded")
-    @reliable_event_handler("supervision", "supervisors_alerted")
-    def on_event(self, event):
-        self._owe(event)
+    @event_batch_handler("routing", "case_referred")
+    @event_batch_handler("routing", "case_needs_triage")
+    @event_batch_handler("routing", "referral_replied")
+    @event_batch_handler("routing", "case_reopened")
+    @event_batch_handler("routing", "case_closed")
+    @event_batch_handler("supervision", "case_escalated")
+    @event_batch_handler("supervision", "department_reminded")
+    @event_batch_handler("supervision", "supervisors_alerted")
+    def on_event(self, events: list):
+        self._owe(events)
 
-    # --- the work queue: send one delivery ---------------------------------------------------
+    # --- the work queue: send deliveries ----------------------------------------------------
 
-    @consume_deliveries(expected_exceptions=(RetryLater,))  # a retry is not an error worth a traceback
-    def deliver(self, body):
-        delivery_id = body["delivery_id"]
+    @consume_deliveries(max_batch=DEFAULT_MAX_BATCH)
+    def deliver(self, bodies: list):
+        """Send every delivery the waiting work messages name; a failed send is retried later
+        (alone), or parked after the last attempt."""
+        ids, errors = [], {}
+        for position, body in enumerate(bodies):
+            try:
+                ids += delivery_ids_in(body)
+            except ValueError as exc:
+                errors[position] = exc
         with self.db.begin() as session:
-            claimed = deliveries.claim(session, delivery_id, now())
-        if claimed is None:
-            return  # already sent (a duplicate message), being sent, or parked
-        try:
-            channels.send(claimed, self.config)
-        except channels.ChannelError as exc:
-            settings = self.rules.get()
-            if exc.retryable and claimed.attempts < settings.max_attempts:
-                metrics.NOTIFICATION_FAILURES.labels(claimed.channel, "retried").inc()
-                with self.db.begin() as session:
-                    deliveries.finish(session, delivery_id, "retrying", now(), str(exc))
-                raise RetryLater(backoff_seconds(claimed.attempts)) from None
-            metrics.NOTIFICATION_FAILURES.labels(claimed.channel, "parked").inc()
-            with self.db.begin() as session:
-                deliveries.finish(session, delivery_id, "failed", now(), str(exc))
-            self.park({"delivery_id": delivery_id, "error": str(exc)}, routing_key=ROUTING_KEY)
-            log.warning("delivery %s parked after %s attempt(s): %s", delivery_id, claimed.attempts, exc)
-            return
+            claimed = deliveries.claim(session, sorted(set(ids)), now())
+        # nothing claimed for a delivery already sent (a duplicate message), being sent, or parked
+        outcomes, retries, parked = [], [], []
+        for delivery in claimed:
+            try:
+                channels.send(delivery, self.config)
+                outcomes.append((delivery.id, "sent", None))
+            except channels.ChannelError as exc:
+                settings = self.rules.get()
+                if exc.retryable and delivery.attempts < settings.max_attempts:
+                    metrics.NOTIFICATION_FAILURES.labels(delivery.channel, "retried").inc()
+                    outcomes.append((delivery.id, "retrying", str(exc)))
+                    retries.append((delivery.id, backoff_seconds(delivery.attempts)))
+                else:
+                    metrics.NOTIFICATION_FAILURES.labels(delivery.channel, "parked").inc()
+                    outcomes.append((delivery.id, "failed", str(exc)))
+                    parked.append((delivery.id, str(exc), delivery.attempts))
         with self.db.begin() as session:
-            deliveries.finish(session, delivery_id, "sent", now())
+            deliveries.finish(session, outcomes, now())
+        for delivery_id, delay in retries:
+            retry_later(self.config["AMQP_URI"], delivery_id, delay)
+        for delivery_id, error, attempts in parked:
+            self.park({"delivery_id": delivery_id, "error": error}, routing_key=ROUTING_KEY)
+            log.warning("delivery %s parked after %s attempt(s): %s", delivery_id, attempts, error)
+        if errors:
+            raise SomeFailed(errors)
 
     @timer(interval=30)
     def requeue_stale(self):

@@ -8,16 +8,17 @@ nothing leaks); staff may do everything; only staff decide extensions and route 
 
 import csv
 import io
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed
-from services.common.outbox import add_event
+from services.common.outbox import add_event, add_events
 from services.common.rules.ruleset import Ruleset
 from services.common.timeutil import iso
-from services.common.upsert import insert_ignoring_duplicates
+from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
 from services.common.workdays import WorkingCalendar, add_months, cst_date, end_of_day
 from services.routing import rules as routing_rules
 from services.routing.models import outbox, referrals, routing_cases
@@ -255,10 +256,8 @@ def triage_list(session) -> list[dict]:
 # --- routing ---------------------------------------------------------------------------------
 
 
-def record_case(session, event: dict, now: datetime) -> dict | None:
-    """Store a received case once: its row as stored, or None when it was already known (a
-    redelivered event)."""
-    row = dict(
+def _case_row(event: dict, now: datetime) -> dict:
+    return dict(
         case_id=event["case_id"],
         source=event["source"],
         channel=event.get("channel"),
@@ -277,13 +276,63 @@ def record_case(session, event: dict, now: datetime) -> dict | None:
         recorded_at=now,
         updated_at=now,
     )
+
+
+def record_case(session, event: dict, now: datetime) -> dict | None:
+    """Store a received case once: its row as stored, or None when it was already known (a
+    redelivered event)."""
+    row = _case_row(event, now)
     return row if insert_ignoring_duplicates(session, routing_cases, row) else None
 
 
-def route(session, ctx: Context, case_id: str, case: dict | None = None) -> dict:
+def record_cases(session, events: list[dict], now: datetime) -> list[dict]:
+    """Store received cases, each once, in one statement: the rows stored now, in the events'
+    order (a redelivered event, or a second one about the same case, stores nothing)."""
+    rows = list({event["case_id"]: _case_row(event, now) for event in events}.values())
+    stored = set(insert_many_ignoring_duplicates(session, routing_cases, rows, routing_cases.c.case_id))
+    return [row for row in rows if row["case_id"] in stored]
+
+
+@dataclass
+class Writes:
+    """Routing's writes, gathered so that a batch of new cases is written with one statement per
+    table; a single step makes and writes its own."""
+
+    referrals: list = field(default_factory=list)  # rows to insert
+    cases: list = field(default_factory=list)  # {"case_id", column: value …} to update
+    events: list = field(default_factory=list)  # (event type, payload)
+
+    def write(self, session):
+        if self.referrals:
+            session.execute(referrals.insert(), self.referrals)  # one multi-row INSERT
+        by_columns = defaultdict(list)  # one executemany UPDATE per set of columns
+        for values in self.cases:
+            by_columns[tuple(sorted(values))].append(values)
+        for rows in by_columns.values():
+            session.execute(
+                update(routing_cases).where(routing_cases.c.case_id == bindparam("b_case_id")),
+                [
+                    {"b_case_id": values["case_id"], **{k: v for k, v in values.items() if k != "case_id"}}
+                    for values in rows
+                ],
+            )
+        add_events(session, outbox, self.events)
+
+
+def route_new_cases(session, ctx: Context, cases: list[dict]) -> None:
+    """Route cases stored just now in this transaction (``record_cases``): nobody else can see
+    them, so nothing is locked or read back, and all their writes go together."""
+    writes = Writes()
+    for case in cases:
+        route(session, ctx, case["case_id"], case, writes)
+    writes.write(session)
+
+
+def route(session, ctx: Context, case_id: str, case: dict | None = None, writes: Writes | None = None) -> dict:
     """Decide by the rules and refer the case, or put it on the triage list. ``case`` is its row
     when the caller just stored it in this transaction (nobody else can see it, so there is
-    nothing to lock or read back); otherwise it is read and locked here."""
+    nothing to lock or read back); otherwise it is read and locked here. ``writes`` gathers the
+    writes of several cases routed together; without it they are made now."""
     just_stored = case is not None
     case = dict(case) if just_stored else _case(session, case_id, lock=True)._asdict()
     decision = routing_rules.decide(ctx.rules, case, ctx.known_departments)
@@ -299,30 +348,40 @@ def route(session, ctx: Context, case_id: str, case: dict | None = None) -> dict
         reason = "no rule assigns a department" if not decision.departments else "no rule sets a deadline"
         if case["returned_by"]:
             reason += f" (returned by {', '.join(case['returned_by'])})"
-        session.execute(
-            update(routing_cases)
-            .where(routing_cases.c.case_id == case_id)
-            .values(status="triage", triage_reason=reason, lead_department=None, **values)
+        pending = Writes() if writes is None else writes
+        pending.cases.append(
+            dict(case_id=case_id, status="triage", triage_reason=reason, lead_department=None, **values)
         )
-        add_event(
-            session,
-            outbox,
-            "case_needs_triage",
-            {
-                "case_id": case_id,
-                "reason": reason,
-                "category": decision.category,
-                "street": case["street"],
-                "source": case["source"],
-                "rule_ids": decision.rule_ids,
-                "ruleset_version": decision.ruleset_version,
-            },
+        pending.events.append(
+            (
+                "case_needs_triage",
+                {
+                    "case_id": case_id,
+                    "reason": reason,
+                    "category": decision.category,
+                    "street": case["street"],
+                    "source": case["source"],
+                    "rule_ids": decision.rule_ids,
+                    "ruleset_version": decision.ruleset_version,
+                },
+            )
         )
+        if writes is None:
+            pending.write(session)
         return {"case_id": case_id, "status": "triage", "reason": reason}
     # The decision's values are written by _refer's update of the case, with its new status.
     existing = 0 if just_stored else None  # a case stored just now has no referrals yet
     return _refer(
-        session, ctx, case_id, decision.departments, decision.lead, decision.deadline, decided, case | values, existing
+        session,
+        ctx,
+        case_id,
+        decision.departments,
+        decision.lead,
+        decision.deadline,
+        decided,
+        case | values,
+        existing,
+        writes,
     )
 
 
@@ -368,11 +427,20 @@ def due_at(ctx: Context, deadline: dict, start: datetime) -> datetime:
 
 
 def _refer(
-    session, ctx, case_id, departments, lead, deadline, decided, case: dict | None = None, existing: int | None = None
+    session,
+    ctx,
+    case_id,
+    departments,
+    lead,
+    deadline,
+    decided,
+    case: dict | None = None,
+    existing: int | None = None,
+    writes: Writes | None = None,
 ) -> dict:
     """Refer the case to ``departments``. ``case`` is its row as it should be now (with the
     values to write, which are written with its new status), or None to read it; ``existing``
-    the number of its referrals so far, or None to count them."""
+    the number of its referrals so far, or None to count them; ``writes`` as for ``route``."""
     updates = {}
     if case is None:
         case = _case(session, case_id)._asdict()
@@ -411,31 +479,34 @@ def _refer(
                 "return_by": iso(return_by),
             }
         )
-    session.execute(referrals.insert(), rows)  # one round trip for all of them
-    session.execute(
-        update(routing_cases)
-        .where(routing_cases.c.case_id == case_id)
-        .values(status="referred", lead_department=lead, triage_reason=None, updated_at=ctx.now, **updates)
+    pending = Writes() if writes is None else writes
+    pending.referrals += rows
+    pending.cases.append(
+        dict(
+            case_id=case_id, status="referred", lead_department=lead, triage_reason=None, updated_at=ctx.now, **updates
+        )
     )
-    add_event(
-        session,
-        outbox,
-        "case_referred",
-        {
-            "case_id": case_id,
-            "source": case["source"],
-            "category": case["category"],
-            "kind": case["kind"],
-            "street": case["street"],
-            "urgency": case["urgency"],
-            "round": round_number,
-            "referrals": created,
-            "deadline": deadline,
-            "rule_ids": decided.get("rule_ids", []),
-            "ruleset_version": decided.get("ruleset_version"),
-            "calendar": ctx.calendar.source(cst_date(due).year),
-        },
+    pending.events.append(
+        (
+            "case_referred",
+            {
+                "case_id": case_id,
+                "source": case["source"],
+                "category": case["category"],
+                "kind": case["kind"],
+                "street": case["street"],
+                "urgency": case["urgency"],
+                "round": round_number,
+                "referrals": created,
+                "deadline": deadline,
+                "rule_ids": decided.get("rule_ids", []),
+                "ruleset_version": decided.get("ruleset_version"),
+                "calendar": ctx.calendar.source(cst_date(due).year),
+            },
+        )
     )
+    if writes is None:
+        pending.write(session)
     return {"case_id": case_id, "status": "referred", "referrals": created}
 
 

@@ -9,7 +9,7 @@ from nameko.timer import timer
 from services.common.auth import KeyCache, actor_for, require_role, require_staff
 from services.common.base import ServiceBase
 from services.common.db import snapshot
-from services.common.events import reliable_event_handler
+from services.common.events import event_batch_handler, reliable_event_handler
 from services.common.http import (
     Conflict,
     Forbidden,
@@ -66,13 +66,12 @@ class RoutingService(ServiceBase):
 
     # --- events -------------------------------------------------------------------------------
 
-    @reliable_event_handler("intake", "case_received")
-    def on_case_received(self, event):
+    @event_batch_handler("intake", "case_received")
+    def on_case_received(self, events: list):
         context = self._context()
         with self.db.begin() as session:
-            case = referrals.record_case(session, event, context.now)
-            if case is not None:  # None: a redelivery, already routed
-                referrals.route(session, context, event["case_id"], case)
+            fresh = referrals.record_cases(session, events, context.now)  # not redeliveries, already routed
+            referrals.route_new_cases(session, context, fresh)
         self.publish_events()
 
     @reliable_event_handler("intake", "directory_loaded")

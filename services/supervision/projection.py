@@ -7,10 +7,12 @@ overtake the ``case_received`` from intake (different queues): the case row is t
 from what routing's event carries and completed when intake's event arrives.
 """
 
+import bisect
+from collections import defaultdict
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
@@ -62,67 +64,107 @@ def _at(event: dict) -> datetime:
     return datetime.fromisoformat(event["occurred_at"])  # full precision: the timeline's order
 
 
-def _record(session, event_type: str, event: dict, at: datetime) -> bool:
+def _timeline_row(event_type: str, event: dict, at: datetime) -> dict:
     details = {k: event[k] for k in DETAIL_KEYS if event.get(k) is not None}
     if event_type == "case_referred":
         details["departments"] = [r["department_name"] for r in event["referrals"]]
-    return insert_ignoring_duplicates(
-        session,
-        timeline,
-        dict(event_id=event["event_id"], case_id=event["case_id"], event_type=event_type, at=at, details=details),
+    return dict(event_id=event["event_id"], case_id=event["case_id"], event_type=event_type, at=at, details=details)
+
+
+def _record(session, event_type: str, event: dict, at: datetime) -> bool:
+    return insert_ignoring_duplicates(session, timeline, _timeline_row(event_type, event, at))
+
+
+def _new_case_row(event: dict, at: datetime) -> dict:
+    """A case's first row, from whichever event about it comes first."""
+    return dict(
+        case_id=event["case_id"],
+        source=event.get("source") or "",
+        title="",
+        status="received",
+        kind=event.get("kind"),
+        category=event.get("category"),
+        street=event.get("street"),
+        received_at=at,
+        updated_at=at,
+        changed_at=now(),
+        cluster_key=cluster_key(event.get("category"), event.get("street"), event["case_id"]),
+        departments=[],
+        returns=0,
+        extensions=0,
+        reopen_count=0,
+        unsatisfied_count=0,
     )
 
 
 def _ensure_case(session, event: dict, at: datetime):
-    insert_ignoring_duplicates(
-        session,
-        case_projection,
-        dict(
-            case_id=event["case_id"],
-            source=event.get("source") or "",
-            title="",
-            status="received",
-            kind=event.get("kind"),
-            category=event.get("category"),
-            street=event.get("street"),
-            received_at=at,
-            updated_at=at,
-            changed_at=now(),
-            cluster_key=cluster_key(event.get("category"), event.get("street"), event["case_id"]),
-            departments=[],
-            returns=0,
-            extensions=0,
-            reopen_count=0,
-            unsatisfied_count=0,
-        ),
-    )
+    insert_ignoring_duplicates(session, case_projection, _new_case_row(event, at))
 
 
 def record_case_received(session, event: dict, settings: dict) -> bool:
     """Project a ``case_received`` event; False when this event was already recorded.
     ``settings`` are the supervision policy's (the cluster window and similarity)."""
-    received_at = datetime.fromisoformat(event["received_at"])
-    if not _record(session, "case_received", event, received_at):
-        return False
-    _ensure_case(session, event, received_at)
-    case = session.execute(
-        update(case_projection)
-        .where(case_projection.c.case_id == event["case_id"])
-        .values(
-            source=event["source"],
-            title=event["title"],
-            description=event.get("description"),
-            received_at=received_at,
-            residents_affected=event.get("residents_affected"),
-            kind=case_projection.c.kind if event.get("kind") is None else event["kind"],
-            category=case_projection.c.category if event.get("category") is None else event["category"],
-            street=case_projection.c.street if event.get("street") is None else event["street"],
-            changed_at=now(),
+    return bool(record_cases_received(session, [event], settings))
+
+
+def record_cases_received(session, events: list[dict], settings: dict) -> list[str]:
+    """Project ``case_received`` events, in a few statements for them all; the ids of the cases
+    whose event was recorded now (a redelivered one changes nothing)."""
+    by_event = {event["event_id"]: event for event in sorted(events, key=lambda e: e["case_id"])}
+    fresh_ids = set(
+        insert_many_ignoring_duplicates(
+            session,
+            timeline,
+            [_timeline_row("case_received", e, datetime.fromisoformat(e["received_at"])) for e in by_event.values()],
+            timeline.c.event_id,
         )
-        .returning(*CLUSTERING)  # as stored, for its shard and cluster
-    ).one()
-    place_in_cluster(session, case, settings)
-    return True
+    )
+    fresh = list({e["case_id"]: e for e in by_event.values() if e["event_id"] in fresh_ids}.values())
+    if not fresh:
+        return []
+    insert_many_ignoring_duplicates(
+        session,
+        case_projection,
+        [_new_case_row(e, datetime.fromisoformat(e["received_at"])) for e in fresh],
+        case_projection.c.case_id,
+    )
+    c = case_projection.c
+    # One UPDATE sent with every case's values; what a routing event that overtook this one
+    # already set (kind, category, street) stays when intake's event lacks it.
+    session.execute(
+        update(case_projection)
+        .where(c.case_id == bindparam("b_case_id"))
+        .values(
+            source=bindparam("b_source"),
+            title=bindparam("b_title"),
+            description=bindparam("b_description"),
+            received_at=bindparam("b_received_at", type_=c.received_at.type),
+            residents_affected=bindparam("b_residents_affected"),
+            kind=func.coalesce(bindparam("b_kind", type_=c.kind.type), c.kind),
+            category=func.coalesce(bindparam("b_category", type_=c.category.type), c.category),
+            street=func.coalesce(bindparam("b_street", type_=c.street.type), c.street),
+            changed_at=bindparam("b_changed_at", type_=c.changed_at.type),
+        ),
+        [
+            {
+                "b_case_id": e["case_id"],
+                "b_source": e["source"],
+                "b_title": e["title"],
+                "b_description": e.get("description"),
+                "b_received_at": datetime.fromisoformat(e["received_at"]),
+                "b_residents_affected": e.get("residents_affected"),
+                "b_kind": e.get("kind"),
+                "b_category": e.get("category"),
+                "b_street": e.get("street"),
+                "b_changed_at": now(),
+            }
+            for e in fresh
+        ],
+    )
+    ids = [e["case_id"] for e in fresh]
+    stored = session.execute(select(*CLUSTERING).where(c.case_id.in_(ids))).all()  # as stored
+    place_in_clusters(session, stored, settings)
+    return ids
 
 
 CLUSTERING = (
@@ -155,40 +197,81 @@ def _register_and_lock_shard(session, street: str, category: str) -> None:
 def place_in_cluster(session, case, settings: dict) -> str:
     """Put a case into the cluster of the unresolved cases similar to it (clusters.py), merging
     the clusters it bridges; alone, it starts its own. Returns its cluster key."""
-    key = cluster_key(case.category, case.street, case.case_id)
-    if not (case.category and case.street):
-        register_shard(session, case.street, case.category)  # no similar cases without both
-    else:
-        # One arrival at a time per street and category: two similar cases arriving together
-        # must see each other. The shard's row is the lock.
-        _register_and_lock_shard(session, case.street, case.category)
-        window = timedelta(days=settings["cluster_window_days"])
-        peers = session.execute(
-            select(case_projection.c.cluster_key, case_projection.c.title, case_projection.c.description)
-            .where(
-                case_projection.c.category == case.category,
-                case_projection.c.street == case.street,
-                case_projection.c.status != "closed",
-                case_projection.c.case_id != case.case_id,
-                case_projection.c.received_at.between(case.received_at - window, case.received_at + window),
+    return place_in_clusters(session, [case], settings)[case.case_id]
+
+
+def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
+    """``place_in_cluster`` for many cases: each shard (street × category) is locked once, in one
+    order (two batches never deadlock), its unresolved cases are read and split into words once,
+    and the new cases join in the order they were received, each seeing the ones before it.
+    Returns ``{case id: cluster key}``."""
+    c = case_projection.c
+    keys, by_shard = {}, defaultdict(list)
+    for case in cases:
+        if case.category and case.street:
+            by_shard[(case.street, case.category)].append(case)
+        else:  # no similar cases without both
+            register_shard(session, case.street, case.category)
+            keys[case.case_id] = cluster_key(case.category, case.street, case.case_id)
+    window = timedelta(days=settings["cluster_window_days"])
+    for (street, category), arrivals in sorted(by_shard.items()):
+        # Two similar cases arriving together (in two batches) must see each other: the shard's
+        # row is the lock.
+        _register_and_lock_shard(session, street, category)
+        arrivals.sort(key=lambda case: (case.received_at, case.case_id))
+        arriving = {case.case_id for case in arrivals}
+        # (received at, case id, cluster key, words) of the shard's unresolved cases, in order
+        peers = [
+            [p.received_at, p.case_id, p.cluster_key, bigrams(f"{p.title}\n{p.description or ''}")]
+            for p in session.execute(
+                select(c.case_id, c.cluster_key, c.title, c.description, c.received_at)
+                .where(
+                    c.category == category,
+                    c.street == street,
+                    c.status != "closed",
+                    c.received_at.between(arrivals[0].received_at - window, arrivals[-1].received_at + window),
+                )
+                .order_by(c.received_at, c.case_id)
+                .execution_options(yield_per=2000)
             )
-            .order_by(case_projection.c.received_at, case_projection.c.case_id)
-        )
-        joined = clusters_to_join(
-            bigrams(f"{case.title}\n{case.description or ''}"),
-            ((p.cluster_key, bigrams(f"{p.title}\n{p.description or ''}")) for p in peers),
-            settings["cluster_similarity"],
-        )
-        if joined:
-            key = joined[0]  # the cluster with the earliest similar case keeps its name
+            if p.case_id not in arriving
+        ]
+        for case in arrivals:
+            words = bigrams(f"{case.title}\n{case.description or ''}")
+            joined = clusters_to_join(
+                words,
+                ((key, peer_words) for at, _, key, peer_words in peers if abs(at - case.received_at) <= window),
+                settings["cluster_similarity"],
+            )
+            key = joined[0] if joined else cluster_key(case.category, case.street, case.case_id)
             if joined[1:]:  # this case bridges clusters: they become one
                 session.execute(
                     update(case_projection)
-                    .where(case_projection.c.cluster_key.in_(joined[1:]))
+                    .where(c.cluster_key.in_(joined[1:]))
                     .values(cluster_key=key, changed_at=now())
                 )
-    session.execute(update(case_projection).where(case_projection.c.case_id == case.case_id).values(cluster_key=key))
-    return key
+                for peer in peers:
+                    if peer[2] in joined[1:]:
+                        peer[2] = key
+                keys.update({case_id: key for case_id, old in keys.items() if old in joined[1:]})
+            keys[case.case_id] = key
+            bisect.insort(peers, [case.received_at, case.case_id, key, words])
+    if keys:
+        session.execute(
+            update(case_projection).where(c.case_id == bindparam("b_case_id")).values(cluster_key=bindparam("b_key")),
+            [{"b_case_id": case_id, "b_key": key} for case_id, key in keys.items()],
+        )
+    return keys
+
+
+def record_routing_events(session, events: list[dict], settings: dict) -> list[str]:
+    """Project routing's events, in one transaction; the ids of the cases changed by an event
+    recorded now. Taken case by case, in the order each case's events occurred: a case's row is
+    locked while its events are applied, and cases are locked in one order (no deadlock between
+    two batches)."""
+    ordered = sorted(events, key=lambda e: (e["case_id"], e.get("occurred_at", "")))
+    changed = [e["case_id"] for e in ordered if record_routing_event(session, e, settings)]
+    return list(dict.fromkeys(changed))
 
 
 def record_routing_event(session, event: dict, settings: dict) -> bool:

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from services.common.auth import KeyCache, actor_for, require_staff
 from services.common.base import ServiceBase
 from services.common.db import snapshot
-from services.common.events import reliable_event_handler
+from services.common.events import event_batch_handler
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed, http, json_body, json_response
 from services.common.outbox import OutboxRelay
 from services.common.rules.provider import Rules, with_calendar
@@ -122,32 +122,32 @@ class SupervisionService(ServiceBase):
 
     # --- events: keep the projection, evaluate the case -------------------------------------
 
-    @reliable_event_handler("intake", "case_received")
-    def on_case_received(self, event):
+    @event_batch_handler("intake", "case_received")
+    def on_case_received(self, events: list):
         settings = self.rules.get().rules.settings
         with self.db.begin() as session:
-            fresh = projection.record_case_received(session, event, settings)
+            fresh = projection.record_cases_received(session, events, settings)
         if fresh:
-            self._evaluate_and_apply(now(), [event["case_id"]])
+            self._evaluate_and_apply(now(), fresh)
 
     # One handler, one queue per routing event type (nameko names each queue after the type).
-    @reliable_event_handler("routing", "case_referred")
-    @reliable_event_handler("routing", "case_needs_triage")
-    @reliable_event_handler("routing", "referral_accepted")
-    @reliable_event_handler("routing", "referral_returned")
-    @reliable_event_handler("routing", "extension_requested")
-    @reliable_event_handler("routing", "extension_granted")
-    @reliable_event_handler("routing", "extension_refused")
-    @reliable_event_handler("routing", "referral_replied")
-    @reliable_event_handler("routing", "feedback_received")
-    @reliable_event_handler("routing", "case_reopened")
-    @reliable_event_handler("routing", "case_closed")
-    def on_routing_event(self, event):
+    @event_batch_handler("routing", "case_referred")
+    @event_batch_handler("routing", "case_needs_triage")
+    @event_batch_handler("routing", "referral_accepted")
+    @event_batch_handler("routing", "referral_returned")
+    @event_batch_handler("routing", "extension_requested")
+    @event_batch_handler("routing", "extension_granted")
+    @event_batch_handler("routing", "extension_refused")
+    @event_batch_handler("routing", "referral_replied")
+    @event_batch_handler("routing", "feedback_received")
+    @event_batch_handler("routing", "case_reopened")
+    @event_batch_handler("routing", "case_closed")
+    def on_routing_event(self, events: list):
         settings = self.rules.get().rules.settings
         with self.db.begin() as session:
-            fresh = projection.record_routing_event(session, event, settings)
+            fresh = projection.record_routing_events(session, events, settings)
         if fresh:
-            self._evaluate_and_apply(now(), [event["case_id"]])
+            self._evaluate_and_apply(now(), fresh)
 
     @timer(interval=5)
     def periodic_sweep(self):

@@ -70,7 +70,7 @@ def test_a_bad_message_is_dead_lettered_with_its_reason_and_the_queue_flows_on(
 def test_a_ticket_that_fails_is_retried_later_by_the_broker(publish, db, monkeypatch):
     from services.intake import cases
 
-    real_submit, calls = cases.submit, []
+    real_submit, calls = cases.submit_many, []
 
     def flaky_submit(*args, **kwargs):
         calls.append(1)
@@ -78,7 +78,7 @@ def test_a_ticket_that_fails_is_retried_later_by_the_broker(publish, db, monkeyp
             raise RuntimeError("database unavailable")
         return real_submit(*args, **kwargs)
 
-    monkeypatch.setattr(cases, "submit", flaky_submit)
+    monkeypatch.setattr(cases, "submit_many", flaky_submit)
     publish({**TICKET, "external_id": "flaky-1"})
     wait_for(lambda: case_count(db) == 1, timeout=15)
     assert len(calls) == 2  # failed once, came back from the retry queue after a second
@@ -88,7 +88,7 @@ def test_a_ticket_that_keeps_failing_is_parked_in_the_dead_letter_queue(publish,
     from services.intake import cases, ticket_queue
 
     monkeypatch.setattr(ticket_queue, "MAX_ATTEMPTS", 3)  # 1 s + 2 s of delays instead of two minutes
-    monkeypatch.setattr(cases, "submit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("still down")))
+    monkeypatch.setattr(cases, "submit_many", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("still down")))
     publish({**TICKET, "external_id": "always-failing"})
     [dead] = dead_letters(rabbit_config["AMQP_URI"], 1, timeout=20)
     assert dead.headers[REASON_HEADER] == "failed 3 times, last: RuntimeError: still down"

@@ -120,7 +120,7 @@ def test_a_failing_handler_and_a_failing_ticket_come_back_through_quorum_retry_q
             raise RuntimeError("database hiccup")
         return real_record(session, event, settings)
 
-    real_submit, submits = cases.submit, []
+    real_submit, submits = cases.submit_many, []
 
     def flaky_submit(*args, **kwargs):
         submits.append(1)
@@ -129,7 +129,7 @@ def test_a_failing_handler_and_a_failing_ticket_come_back_through_quorum_retry_q
         return real_submit(*args, **kwargs)
 
     monkeypatch.setattr(projection, "record_routing_event", flaky_record)
-    monkeypatch.setattr(cases, "submit", flaky_submit)
+    monkeypatch.setattr(cases, "submit_many", flaky_submit)
     publish({**TICKET, "external_id": "Q-FLAKY-1"})
     case_id = wait_for(lambda: case_id_for(db, "Q-FLAKY-1"), timeout=15)
     assert len(submits) == 2  # failed once, back from huiying.intake.tickets.retry after 1 s
@@ -145,7 +145,7 @@ def test_poison_tickets_reach_the_quorum_dead_letter_queue(stack, publish, rabbi
     assert "decoded" in undecodable.headers[REASON_HEADER]
 
     monkeypatch.setattr(ticket_queue, "MAX_ATTEMPTS", 2)  # one pass through the retry queue
-    monkeypatch.setattr(cases, "submit", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("still down")))
+    monkeypatch.setattr(cases, "submit_many", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("still down")))
     publish({**TICKET, "external_id": "Q-POISON-1"})
     [parked] = dead_letters(rabbit_config["AMQP_URI"], TICKETS_DEAD_QUEUE, 1, timeout=15)
     assert parked.headers[REASON_HEADER] == "failed 2 times, last: RuntimeError: still down"
