@@ -1,5 +1,9 @@
-"""Idempotent inserts: at-least-once delivery means the same row may arrive twice."""
+"""Idempotent inserts (at-least-once delivery means the same row may arrive twice), and updates
+of many rows sent together."""
 
+from collections import defaultdict
+
+from sqlalchemy import bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
 
@@ -27,3 +31,17 @@ def insert_many_ignoring_duplicates(session, table, rows: list[dict], key) -> li
     statement = dialect_insert(session, table).on_conflict_do_nothing().returning(*columns)
     result = session.execute(statement, rows)
     return [tuple(row) for row in result] if isinstance(key, tuple) else list(result.scalars())
+
+
+def update_many(session, table, key, rows: list[dict]) -> None:
+    """Update each row whose ``key`` column has the value ``row[key.name]`` with the row's other
+    values: one statement sent with every row's parameters for each distinct set of columns
+    (PostgreSQL gets them a page at a time, db.create_db_engine)."""
+    by_columns = defaultdict(list)
+    for row in rows:
+        by_columns[tuple(sorted(row))].append(row)
+    for group in by_columns.values():
+        session.execute(
+            table.update().where(key == bindparam("b_key")),
+            [{"b_key": row[key.name], **{k: v for k, v in row.items() if k != key.name}} for row in group],
+        )

@@ -8,17 +8,16 @@ nothing leaks); staff may do everything; only staff decide extensions and route 
 
 import csv
 import io
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import func, or_, select, update
 
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed
 from services.common.outbox import add_event, add_events
 from services.common.rules.ruleset import Ruleset
 from services.common.timeutil import iso
-from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
+from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates, update_many
 from services.common.workdays import WorkingCalendar, add_months, cst_date, end_of_day
 from services.routing import rules as routing_rules
 from services.routing.models import outbox, referrals, routing_cases
@@ -305,17 +304,7 @@ class Writes:
     def write(self, session):
         if self.referrals:
             session.execute(referrals.insert(), self.referrals)  # one multi-row INSERT
-        by_columns = defaultdict(list)  # one executemany UPDATE per set of columns
-        for values in self.cases:
-            by_columns[tuple(sorted(values))].append(values)
-        for rows in by_columns.values():
-            session.execute(
-                update(routing_cases).where(routing_cases.c.case_id == bindparam("b_case_id")),
-                [
-                    {"b_case_id": values["case_id"], **{k: v for k, v in values.items() if k != "case_id"}}
-                    for values in rows
-                ],
-            )
+        update_many(session, routing_cases, routing_cases.c.case_id, self.cases)
         add_events(session, outbox, self.events)
 
 

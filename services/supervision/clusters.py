@@ -29,11 +29,12 @@ def cluster_key(category: str | None, street: str | None, first_case_id: str) ->
 
 def clusters_to_join(words: frozenset, peers, threshold: float) -> list[str]:
     """The keys of the clusters a new case belongs to: those with a case similar enough to it.
-    ``peers`` are ``(cluster key, words)`` of the unresolved cases it may cluster with; once one
-    case of a cluster matches, the rest of that cluster is skipped (a big cluster costs little)."""
+    ``peers`` are ``(cluster key, peer)`` of the unresolved cases it may cluster with, where
+    ``peer.words`` are the peer's words (worked out only when read); once one case of a cluster
+    matches, the rest of that cluster is skipped (a big cluster costs little)."""
     joined: list[str] = []
-    for key, peer_words in peers:
-        if key not in joined and similarity(words, peer_words) >= threshold:
+    for key, peer in peers:
+        if key not in joined and similarity(words, peer.words) >= threshold:
             joined.append(key)
     return joined
 
@@ -55,7 +56,7 @@ class Member:
 
 def clusters(members: list[Member], window_days: int, threshold: float) -> dict[str, tuple[str, list[str]]]:
     """``case_id -> (cluster key, member case ids)``, all at once (the migration that introduced
-    kept clusters uses it; new cases join clusters one at a time, projection.place_in_cluster)."""
+    kept clusters uses it; new cases join clusters as they arrive, projection.place_in_clusters)."""
     parent = {m.case_id: m.case_id for m in members}
 
     def find(x):

@@ -8,15 +8,20 @@ from what routing's event carries and completed when intake's event arrives.
 """
 
 import bisect
+import functools
 from collections import defaultdict
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import bindparam, func, select, tuple_, update
 
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
-from services.common.upsert import dialect_insert, insert_ignoring_duplicates, insert_many_ignoring_duplicates
+from services.common.upsert import (
+    dialect_insert,
+    insert_many_ignoring_duplicates,
+    update_many,
+)
 from services.supervision.clusters import bigrams, cluster_key, clusters_to_join
 from services.supervision.models import case_projection, referral_projection, sweep_shards, timeline
 
@@ -71,10 +76,6 @@ def _timeline_row(event_type: str, event: dict, at: datetime) -> dict:
     return dict(event_id=event["event_id"], case_id=event["case_id"], event_type=event_type, at=at, details=details)
 
 
-def _record(session, event_type: str, event: dict, at: datetime) -> bool:
-    return insert_ignoring_duplicates(session, timeline, _timeline_row(event_type, event, at))
-
-
 def _new_case_row(event: dict, at: datetime) -> dict:
     """A case's first row, from whichever event about it comes first."""
     return dict(
@@ -95,10 +96,6 @@ def _new_case_row(event: dict, at: datetime) -> dict:
         reopen_count=0,
         unsatisfied_count=0,
     )
-
-
-def _ensure_case(session, event: dict, at: datetime):
-    insert_ignoring_duplicates(session, case_projection, _new_case_row(event, at))
 
 
 def record_case_received(session, event: dict, settings: dict) -> bool:
@@ -177,15 +174,17 @@ CLUSTERING = (
 )
 
 
-def register_shard(session, street: str | None, category: str | None) -> None:
-    """Make sure the periodic sweep knows the shard this case falls in (sweeping.py)."""
-    insert_ignoring_duplicates(session, sweep_shards, dict(street=street or "", category=category or ""))
+def register_shards(session, shards) -> None:
+    """``register_shard`` for many ``(street, category)``, in one statement."""
+    rows = [dict(street=street or "", category=category or "") for street, category in sorted(set(shards), key=str)]
+    insert_many_ignoring_duplicates(session, sweep_shards, rows, (sweep_shards.c.street, sweep_shards.c.category))
 
 
-def _register_and_lock_shard(session, street: str, category: str) -> None:
-    """Register the shard and lock its row until the transaction ends, in one statement (an
-    upsert that touches the row takes its lock, as SELECT … FOR UPDATE would)."""
-    statement = dialect_insert(session, sweep_shards).values(street=street, category=category)
+def _register_and_lock_shards(session, shards: list[tuple[str, str]]) -> None:
+    """Register the shards ``(street, category)`` and lock their rows until the transaction
+    ends, in one statement and in the order given (an upsert that touches a row takes its lock,
+    as SELECT … FOR UPDATE would)."""
+    statement = dialect_insert(session, sweep_shards).values([dict(street=s, category=c) for s, c in shards])
     session.execute(
         statement.on_conflict_do_update(
             index_elements=[sweep_shards.c.street, sweep_shards.c.category],
@@ -194,68 +193,72 @@ def _register_and_lock_shard(session, street: str, category: str) -> None:
     )
 
 
-def place_in_cluster(session, case, settings: dict) -> str:
-    """Put a case into the cluster of the unresolved cases similar to it (clusters.py), merging
-    the clusters it bridges; alone, it starts its own. Returns its cluster key."""
-    return place_in_clusters(session, [case], settings)[case.case_id]
+@functools.lru_cache(maxsize=8192)
+def _words(title: str, description: str | None) -> frozenset:
+    """A case's two-character words, computed once per text: a case is compared with each new
+    case of its shard for as long as it is open."""
+    return bigrams(f"{title}\n{description or ''}")
+
+
+class _Peer:
+    """An open case a new case may cluster with; its words are worked out only when compared."""
+
+    __slots__ = ("received_at", "case_id", "key", "title", "description")
+
+    def __init__(self, received_at, case_id, key, title, description):
+        self.received_at, self.case_id, self.key = received_at, case_id, key
+        self.title, self.description = title, description
+
+    @property
+    def words(self) -> frozenset:
+        return _words(self.title, self.description)
 
 
 def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
-    """``place_in_cluster`` for many cases: each shard (street × category) is locked once, in one
-    order (two batches never deadlock), its unresolved cases are read and split into words once,
-    and the new cases join in the order they were received, each seeing the ones before it.
-    Returns ``{case id: cluster key}``."""
+    """Put each case into the cluster of the unresolved cases similar to it (clusters.py),
+    merging the clusters it bridges; alone, it starts its own. The shards (street × category)
+    are locked in one statement, in one order (two batches never deadlock), their unresolved
+    cases read in one query, and the cases join in the order they were received, each seeing
+    the ones before it. Returns ``{case id: cluster key}``."""
     c = case_projection.c
     keys, by_shard = {}, defaultdict(list)
     for case in cases:
         if case.category and case.street:
             by_shard[(case.street, case.category)].append(case)
         else:  # no similar cases without both
-            register_shard(session, case.street, case.category)
             keys[case.case_id] = cluster_key(case.category, case.street, case.case_id)
-    window = timedelta(days=settings["cluster_window_days"])
-    for (street, category), arrivals in sorted(by_shard.items()):
-        # Two similar cases arriving together (in two batches) must see each other: the shard's
-        # row is the lock.
-        _register_and_lock_shard(session, street, category)
-        arrivals.sort(key=lambda case: (case.received_at, case.case_id))
-        arriving = {case.case_id for case in arrivals}
-        # (received at, case id, cluster key, words) of the shard's unresolved cases, in order
-        peers = [
-            [p.received_at, p.case_id, p.cluster_key, bigrams(f"{p.title}\n{p.description or ''}")]
-            for p in session.execute(
-                select(c.case_id, c.cluster_key, c.title, c.description, c.received_at)
-                .where(
-                    c.category == category,
-                    c.street == street,
-                    c.status != "closed",
-                    c.received_at.between(arrivals[0].received_at - window, arrivals[-1].received_at + window),
-                )
-                .order_by(c.received_at, c.case_id)
-                .execution_options(yield_per=2000)
+    register_shards(session, [(case.street, case.category) for case in cases if case.case_id in keys])
+    if by_shard:
+        shards = sorted(by_shard)
+        # Two similar cases arriving together (in two batches) must see each other: the shards'
+        # rows are the lock.
+        _register_and_lock_shards(session, shards)
+        window = timedelta(days=settings["cluster_window_days"])
+        arriving = {case.case_id for case in cases}
+        received = [case.received_at for case in cases if case.case_id not in keys]
+        peers = defaultdict(list)  # shard → its open cases, in the order they were received
+        for p in session.execute(
+            select(c.street, c.category, c.case_id, c.cluster_key, c.title, c.description, c.received_at)
+            .where(
+                tuple_(c.street, c.category).in_(shards),
+                c.status != "closed",
+                c.received_at.between(min(received) - window, max(received) + window),
             )
-            if p.case_id not in arriving
-        ]
-        for case in arrivals:
-            words = bigrams(f"{case.title}\n{case.description or ''}")
-            joined = clusters_to_join(
-                words,
-                ((key, peer_words) for at, _, key, peer_words in peers if abs(at - case.received_at) <= window),
-                settings["cluster_similarity"],
-            )
-            key = joined[0] if joined else cluster_key(case.category, case.street, case.case_id)
-            if joined[1:]:  # this case bridges clusters: they become one
-                session.execute(
-                    update(case_projection)
-                    .where(c.cluster_key.in_(joined[1:]))
-                    .values(cluster_key=key, changed_at=now())
+            .order_by(c.street, c.category, c.received_at, c.case_id)
+        ):
+            if p.case_id not in arriving:
+                peers[(p.street, p.category)].append(
+                    _Peer(p.received_at, p.case_id, p.cluster_key, p.title, p.description)
                 )
-                for peer in peers:
-                    if peer[2] in joined[1:]:
-                        peer[2] = key
-                keys.update({case_id: key for case_id, old in keys.items() if old in joined[1:]})
-            keys[case.case_id] = key
-            bisect.insort(peers, [case.received_at, case.case_id, key, words])
+        for shard in shards:
+            _join(
+                session,
+                sorted(by_shard[shard], key=lambda case: (case.received_at, case.case_id)),
+                peers[shard],
+                window,
+                settings,
+                keys,
+            )
     if keys:
         session.execute(
             update(case_projection).where(c.case_id == bindparam("b_case_id")).values(cluster_key=bindparam("b_key")),
@@ -264,103 +267,168 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
     return keys
 
 
-def record_routing_events(session, events: list[dict], settings: dict) -> list[str]:
-    """Project routing's events, in one transaction; the ids of the cases changed by an event
-    recorded now. Taken case by case, in the order each case's events occurred: a case's row is
-    locked while its events are applied, and cases are locked in one order (no deadlock between
-    two batches)."""
-    ordered = sorted(events, key=lambda e: (e["case_id"], e.get("occurred_at", "")))
-    changed = [e["case_id"] for e in ordered if record_routing_event(session, e, settings)]
-    return list(dict.fromkeys(changed))
+def _join(session, arrivals: list, peers: list[_Peer], window: timedelta, settings: dict, keys: dict) -> None:
+    """The arrivals of one shard join its clusters, in order; ``keys`` gets each one's key."""
+    for case in arrivals:
+        joined = clusters_to_join(
+            _words(case.title, case.description),
+            ((peer.key, peer) for peer in peers if abs(peer.received_at - case.received_at) <= window),
+            settings["cluster_similarity"],
+        )
+        key = joined[0] if joined else cluster_key(case.category, case.street, case.case_id)
+        if joined[1:]:  # this case bridges clusters: they become one
+            session.execute(
+                update(case_projection)
+                .where(case_projection.c.cluster_key.in_(joined[1:]))
+                .values(cluster_key=key, changed_at=now())
+            )
+            for peer in peers:
+                if peer.key in joined[1:]:
+                    peer.key = key
+            keys.update({case_id: key for case_id, old in keys.items() if old in joined[1:]})
+        keys[case.case_id] = key
+        bisect.insort(peers, _Peer(case.received_at, case.case_id, key, case.title, case.description), key=_order)
+
+
+def _order(peer: _Peer):
+    return (peer.received_at, peer.case_id)
 
 
 def record_routing_event(session, event: dict, settings: dict) -> bool:
     """Project one of routing's events; False when it was already recorded."""
+    return bool(record_routing_events(session, [event], settings))
+
+
+def record_routing_events(session, events: list[dict], settings: dict) -> list[str]:
+    """Project routing's events, in a few statements for them all; the ids of the cases changed
+    by an event recorded now (a redelivered one changes nothing). Each case's events are applied
+    in the order they occurred, to its row as read under lock: two events about one case (two
+    returns, say) never both count from the same value, and rows are locked in one order, so two
+    batches cannot deadlock."""
+    c = case_projection.c
+    ordered = sorted(events, key=lambda e: (e["case_id"], e["occurred_at"]))
+    recorded = set(
+        insert_many_ignoring_duplicates(
+            session, timeline, [_timeline_row(e["event_type"], e, _at(e)) for e in ordered], timeline.c.event_id
+        )
+    )
+    fresh = [e for e in ordered if e["event_id"] in recorded]
+    if not fresh:
+        return []
+    case_ids = sorted({e["case_id"] for e in fresh})
+    cases = {
+        row.case_id: row._asdict()
+        for row in session.execute(
+            select(case_projection).where(c.case_id.in_(case_ids)).order_by(c.case_id).with_for_update()
+        )
+    }
+    overtaking = {e["case_id"]: e for e in reversed(fresh) if e["case_id"] not in cases}
+    if overtaking:  # these events overtook intake's case_received: the case starts from them
+        started = [_new_case_row(e, _at(e)) for e in overtaking.values()]
+        insert_many_ignoring_duplicates(session, case_projection, started, c.case_id)
+        register_shards(session, [(row["street"], row["category"]) for row in started])
+        cases.update(
+            (row.case_id, row._asdict())
+            for row in session.execute(
+                select(case_projection).where(c.case_id.in_(list(overtaking))).order_by(c.case_id).with_for_update()
+            )
+        )
+    categories_before = {case_id: case["category"] for case_id, case in cases.items()}
+    changed_columns = defaultdict(set)
+    new_referrals, referral_changes, due_changed = [], {}, set()
+    for event in fresh:
+        case_id, at = event["case_id"], _at(event)
+        values, referrals, referral_values = _projected(event, cases[case_id], at)
+        cases[case_id].update(values)
+        changed_columns[case_id] |= values.keys()
+        new_referrals += referrals
+        if referral_values and event.get("referral_id"):
+            referral_changes.setdefault(event["referral_id"], {}).update(updated_at=at, **referral_values)
+        if referrals or referral_values:
+            due_changed.add(case_id)
+    insert_many_ignoring_duplicates(session, referral_projection, new_referrals, referral_projection.c.referral_id)
+    update_many(
+        session,
+        referral_projection,
+        referral_projection.c.referral_id,
+        [{"referral_id": referral_id, **values} for referral_id, values in referral_changes.items()],
+    )
+    update_many(
+        session,
+        case_projection,
+        c.case_id,
+        [
+            {"case_id": case_id, **{k: cases[case_id][k] for k in columns}}
+            for case_id, columns in changed_columns.items()
+        ],
+    )
+    if due_changed:
+        r = referral_projection.c
+        nearest_due = (
+            select(func.min(r.due_at)).where(r.case_id == c.case_id, r.status.in_(OPEN_REFERRAL)).scalar_subquery()
+        )
+        session.execute(update(case_projection).where(c.case_id.in_(due_changed)).values(nearest_due=nearest_due))
+    reclassified = [case_id for case_id in case_ids if cases[case_id]["category"] != categories_before[case_id]]
+    if reclassified:  # another shard and cluster
+        place_in_clusters(session, [SimpleNamespace(**cases[case_id]) for case_id in reclassified], settings)
+    return case_ids
+
+
+def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict], dict]:
+    """What one of routing's events changes: ``(the case's new values, referrals to add, the
+    named referral's new values)``, given the case as it stands."""
     event_type = event["event_type"]
-    at = _at(event)
-    if not _record(session, event_type, event, at):
-        return False
-    case_id = event["case_id"]
-    # Locked: two events about one case (two returns, say) must not both count from the same value.
-    locked = select(case_projection).where(case_projection.c.case_id == case_id).with_for_update()
-    case = session.execute(locked).first()
-    if case is None:  # this event overtook intake's case_received
-        _ensure_case(session, event, at)
-        register_shard(session, event.get("street"), event.get("category"))
-        case = session.execute(locked).first()
     values = {"updated_at": at, "changed_at": now()}
+    referrals, referral_values = [], {}
     if event_type in CASE_STATUS:
         values["status"] = CASE_STATUS[event_type]
     if event_type == "case_referred":
-        departments = list(dict.fromkeys([*(case.departments or []), *(r["department"] for r in event["referrals"])]))
+        departments = list(
+            dict.fromkeys([*(case["departments"] or []), *(r["department"] for r in event["referrals"])])
+        )
         values.update(
             departments=departments,
             lead_department=event["referrals"][0]["department"],
-            first_referred_at=case.first_referred_at or at,
-            category=event.get("category") or case.category,
-            kind=event.get("kind") or case.kind,
+            first_referred_at=case["first_referred_at"] or at,
+            category=event.get("category") or case["category"],
+            kind=event.get("kind") or case["kind"],
         )
-        insert_many_ignoring_duplicates(
-            session,
-            referral_projection,
-            [
-                dict(
-                    referral_id=r["referral_id"],
-                    case_id=case_id,
-                    department=r["department"],
-                    department_name=r.get("department_name"),
-                    is_lead=int(bool(r.get("lead"))),
-                    round=event["round"],
-                    status="referred",
-                    referred_at=at,
-                    due_at=datetime.fromisoformat(r["due_at"]),
-                    updated_at=at,
-                )
-                for r in event["referrals"]
-            ],
-            referral_projection.c.referral_id,
-        )
+        referrals = [
+            dict(
+                referral_id=r["referral_id"],
+                case_id=event["case_id"],
+                department=r["department"],
+                department_name=r.get("department_name"),
+                is_lead=int(bool(r.get("lead"))),
+                round=event["round"],
+                status="referred",
+                referred_at=at,
+                due_at=datetime.fromisoformat(r["due_at"]),
+                updated_at=at,
+            )
+            for r in event["referrals"]
+        ]
     elif event_type == "case_needs_triage":
-        values.update(category=event.get("category") or case.category)
+        values.update(category=event.get("category") or case["category"])
     elif event_type == "referral_returned":
-        values["returns"] = case.returns + 1
+        values["returns"] = case["returns"] + 1
     elif event_type == "extension_requested":
-        values["extensions"] = case.extensions + 1
+        values["extensions"] = case["extensions"] + 1
     elif event_type == "referral_replied" and event.get("case_replied"):
         values["status"] = "replied"
     elif event_type == "feedback_received":
         values.update(
-            last_rating=event["rating"], unsatisfied_count=case.unsatisfied_count + (event["rating"] == "不满意")
+            last_rating=event["rating"], unsatisfied_count=case["unsatisfied_count"] + (event["rating"] == "不满意")
         )
     elif event_type == "case_reopened":
         values["reopen_count"] = event["reopen_count"]
-    session.execute(update(case_projection).where(case_projection.c.case_id == case_id).values(**values))
-    if values.get("category", case.category) != case.category:  # reclassified: another shard and cluster
-        place_in_cluster(session, SimpleNamespace(**{**case._mapping, "category": values["category"]}), settings)
-
-    referral_values = {}
     if event_type in REFERRAL_STATUS:
         referral_values["status"] = REFERRAL_STATUS[event_type]
     if event_type in EXTENSION:
         referral_values["extension"] = EXTENSION[event_type]
     if event_type == "extension_granted":
         referral_values["due_at"] = datetime.fromisoformat(event["due_at"])
-    if referral_values and event.get("referral_id"):
-        session.execute(
-            update(referral_projection)
-            .where(referral_projection.c.referral_id == event["referral_id"])
-            .values(updated_at=at, **referral_values)
-        )
-    if event_type == "case_referred" or referral_values:
-        nearest_due = (
-            select(func.min(referral_projection.c.due_at))
-            .where(referral_projection.c.case_id == case_id, referral_projection.c.status.in_(OPEN_REFERRAL))
-            .scalar_subquery()
-        )
-        session.execute(
-            update(case_projection).where(case_projection.c.case_id == case_id).values(nearest_due=nearest_due)
-        )
-    return True
+    return values, referrals, referral_values
 
 
 def case_record(session, case_id: str) -> dict:

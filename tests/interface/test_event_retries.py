@@ -40,15 +40,15 @@ def submit(run_services, rpc, demo_directory):
 def test_an_event_whose_handler_fails_once_is_handled_on_the_retry(submit, rpc, monkeypatch):
     from services.supervision import projection
 
-    real, calls = projection.record_routing_event, []
+    real, calls = projection.record_routing_events, []
 
-    def flaky(session, event, settings):
-        calls.append(event["event_type"])
-        if calls.count("case_referred") == 1 and event["event_type"] == "case_referred":
+    def flaky(session, events, settings):
+        calls.extend(event["event_type"] for event in events)
+        if calls.count("case_referred") == 1 and any(event["event_type"] == "case_referred" for event in events):
             raise RuntimeError("database hiccup")
-        return real(session, event, settings)
+        return real(session, events, settings)
 
-    monkeypatch.setattr(projection, "record_routing_event", flaky)
+    monkeypatch.setattr(projection, "record_routing_events", flaky)
     case_id = submit("E-1")
     wait_for(lambda: referrals_seen_by_supervision(rpc, case_id), timeout=15)
     assert calls.count("case_referred") == 2
@@ -59,7 +59,7 @@ def test_an_event_that_keeps_failing_is_parked_with_its_reason(submit, rpc, monk
     from services.supervision import projection
 
     monkeypatch.setattr(events, "MAX_ATTEMPTS", 2)
-    monkeypatch.setattr(projection, "record_routing_event", lambda session, event, settings: 1 / 0)
+    monkeypatch.setattr(projection, "record_routing_events", lambda session, events, settings: 1 / 0)
     submit("E-2")
     parked = []
     with Connection(rabbit_config["AMQP_URI"]) as connection:
@@ -84,15 +84,15 @@ def test_a_poison_event_is_parked_while_the_events_around_it_flow(submit, rpc, m
     from services.common import events
     from services.supervision import projection
 
-    real, poison = projection.record_routing_event, {}
+    real, poison = projection.record_routing_events, {}
 
-    def fails_for_one_case(session, event, settings):
-        if event["case_id"] == poison.get("case_id"):
+    def fails_for_one_case(session, events, settings):
+        if any(event["case_id"] == poison.get("case_id") for event in events):
             raise ValueError("this event can never be projected")
-        return real(session, event, settings)
+        return real(session, events, settings)
 
     monkeypatch.setattr(events, "MAX_ATTEMPTS", 3)
-    monkeypatch.setattr(projection, "record_routing_event", fails_for_one_case)
+    monkeypatch.setattr(projection, "record_routing_events", fails_for_one_case)
     before = submit("P-before")
     poison["case_id"] = f"{before[:-6]}{int(before[-6:]) + 1:06d}"  # the next case id
     assert submit("P-poison") == poison["case_id"]

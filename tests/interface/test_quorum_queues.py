@@ -112,13 +112,13 @@ def test_a_failing_handler_and_a_failing_ticket_come_back_through_quorum_retry_q
     from services.supervision import projection
 
     rpc = stack
-    real_record, events = projection.record_routing_event, []
+    real_record, events = projection.record_routing_events, []
 
-    def flaky_record(session, event, settings):
-        events.append(event["event_type"])
-        if event["event_type"] == "case_referred" and events.count("case_referred") == 1:
+    def flaky_record(session, batch, settings):
+        events.extend(event["event_type"] for event in batch)
+        if "case_referred" in (e["event_type"] for e in batch) and events.count("case_referred") == 1:
             raise RuntimeError("database hiccup")
-        return real_record(session, event, settings)
+        return real_record(session, batch, settings)
 
     real_submit, submits = cases.submit_many, []
 
@@ -128,7 +128,7 @@ def test_a_failing_handler_and_a_failing_ticket_come_back_through_quorum_retry_q
             raise RuntimeError("database unavailable")
         return real_submit(*args, **kwargs)
 
-    monkeypatch.setattr(projection, "record_routing_event", flaky_record)
+    monkeypatch.setattr(projection, "record_routing_events", flaky_record)
     monkeypatch.setattr(cases, "submit_many", flaky_submit)
     publish({**TICKET, "external_id": "Q-FLAKY-1"})
     case_id = wait_for(lambda: case_id_for(db, "Q-FLAKY-1"), timeout=15)
