@@ -15,6 +15,7 @@ already, since delivery is at least once — because a message of a failed batch
 """
 
 import logging
+import threading
 from functools import partial
 
 from nameko.exceptions import ContainerBeingKilled
@@ -40,11 +41,13 @@ class Batching:
     the method gets one message body, as nameko's own consumers do; above 1, a list of bodies.
     The subclass's ``handle_message_processed(message, result, exc_info)`` settles one message."""
 
-    def __init__(self, *args, max_batch: int = 1, **kwargs):
+    def __init__(self, *args, max_batch: int = 1, expected_exceptions=(), **kwargs):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
-        super().__init__(*args, **kwargs)
+        # SomeFailed is how a handler hands some messages on to be retried: not a crash
+        expected = expected_exceptions if isinstance(expected_exceptions, tuple) else (expected_exceptions,)
+        super().__init__(*args, expected_exceptions=(*expected, SomeFailed), **kwargs)
 
     @property
     def prefetch_count(self) -> int:
@@ -132,3 +135,47 @@ class Batching:
             self._alone.extend(batch)
         self._schedule_flush()
         return result, exc_info
+
+
+class RunFailed(Exception):
+    """The run that included a caller's items failed (the error is its cause)."""
+
+
+class Coalesced:
+    """Runs ``function(items)`` one run at a time for the workers of a process that hand it items
+    at about the same time: the items handed over while a run goes on are run together next, by
+    whichever of their workers comes first (each hands over the same function, bound to itself).
+
+    Two batches handled at once that need the same follow-up (supervision evaluating the
+    clusters their cases are in) then do it once, and never race each other for the same rows.
+    Each caller returns once a run has included its items, and raises ``RunFailed`` if that run
+    failed: its messages are acknowledged only after the follow-up, as if it had run it itself."""
+
+    def __init__(self):
+        self._lock = threading.Lock()  # green once eventlet has patched threading
+        self._waiting: list[_Handed] = []
+
+    def __call__(self, items, function) -> None:
+        handed = _Handed(set(items))
+        self._waiting.append(handed)
+        while not handed.finished:
+            with self._lock:
+                if handed.finished:  # the run before ours took our items
+                    break
+                run, self._waiting = self._waiting, []
+                error = None
+                try:
+                    function(set().union(*(h.items for h in run)))
+                except Exception as exc:  # each caller of this run raises it
+                    error = exc
+                for each in run:
+                    each.finished, each.error = True, error
+        if handed.error is not None:
+            raise RunFailed(f"{type(handed.error).__name__}: {handed.error}") from handed.error
+
+
+class _Handed:
+    __slots__ = ("items", "finished", "error")
+
+    def __init__(self, items: set):
+        self.items, self.finished, self.error = items, False, None

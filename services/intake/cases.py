@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from services.common.directory import Directory, parse_directory
@@ -290,27 +290,48 @@ STATUS_FROM_ROUTING = {
 }
 
 
-def apply_routing_status(session, event: dict) -> bool:
-    """Update a case's status from one of routing's events; False when it changes nothing.
-
-    Events are applied in the order they occurred: an older event arriving late is ignored."""
-    event_type = event["event_type"]
-    if event_type == "referral_replied" and not event.get("case_replied"):
-        return False
-    status, note = STATUS_FROM_ROUTING[event_type]
-    occurred = datetime.fromisoformat(event["occurred_at"])
-    values = {"status": status, "updated_at": occurred}
-    if event_type == "case_referred":
-        lead = event["referrals"][0]
-        names = "、".join(r["department_name"] for r in event["referrals"])
-        values.update(
-            agency_responsible=lead["department_name"],
-            expected_at=datetime.fromisoformat(lead["due_at"]),
-            status_notes=note.format(departments=names),
+def apply_routing_statuses(session, events: list[dict]) -> None:
+    """Update cases' statuses from routing's events, in one statement sent with them all. Events
+    are applied in the order they occurred: an older event arriving late changes nothing."""
+    rows = []
+    for event in sorted(events, key=lambda e: e["occurred_at"]):
+        event_type = event["event_type"]
+        if event_type == "referral_replied" and not event.get("case_replied"):
+            continue
+        status, note = STATUS_FROM_ROUTING[event_type]
+        row = {
+            "b_id": event["case_id"],
+            "b_occurred": datetime.fromisoformat(event["occurred_at"]),
+            "b_status": status,
+            "b_agency": None,
+            "b_expected_at": None,
+        }
+        if event_type == "case_referred":
+            lead = event["referrals"][0]
+            names = "、".join(r["department_name"] for r in event["referrals"])
+            row.update(
+                b_agency=lead["department_name"],
+                b_expected_at=datetime.fromisoformat(lead["due_at"]),
+                b_notes=note.format(departments=names),
+            )
+        else:
+            row["b_notes"] = note.format(result=(event.get("result") or "")[:500], rating=event.get("rating", ""))
+        rows.append(row)
+    if not rows:
+        return
+    c = cases.c
+    statement = (
+        update(cases)
+        .where(c.id == bindparam("b_id"), c.updated_at <= bindparam("b_occurred", type_=c.updated_at.type))
+        .values(
+            status=bindparam("b_status"),
+            status_notes=bindparam("b_notes"),
+            updated_at=bindparam("b_occurred", type_=c.updated_at.type),
+            # a referral names the responsible agency and its deadline; later steps keep them
+            agency_responsible=func.coalesce(
+                bindparam("b_agency", type_=c.agency_responsible.type), c.agency_responsible
+            ),
+            expected_at=func.coalesce(bindparam("b_expected_at", type_=c.expected_at.type), c.expected_at),
         )
-    else:
-        values["status_notes"] = note.format(result=(event.get("result") or "")[:500], rating=event.get("rating", ""))
-    result = session.execute(
-        update(cases).where(cases.c.id == event["case_id"], cases.c.updated_at <= occurred).values(**values)
     )
-    return result.rowcount == 1
+    session.execute(statement, rows)

@@ -103,6 +103,13 @@ class IntakeService(ServiceBase):
         with self.db() as session:
             return cases.case_view(cases.get_case_row(session, case_id))
 
+    @rpc
+    def get_cases(self, case_ids: list) -> list:
+        """The cases known of ``case_ids``, as ``get_case`` shows them (unknown ids are left out)."""
+        with self.db() as session:
+            rows = session.execute(select(cases_table).where(cases_table.c.id.in_(list(case_ids)))).all()
+        return [cases.case_view(row) for row in rows]
+
     @rpc(expected_exceptions=(DirectoryError,))
     def load_directory(self, document: dict) -> dict:
         directory = parse_directory(document)
@@ -143,8 +150,7 @@ class IntakeService(ServiceBase):
     @event_batch_handler("routing", "case_closed")
     def on_routing_status(self, events: list):
         with self.db.begin() as session:
-            for event in events:
-                cases.apply_routing_status(session, event)
+            cases.apply_routing_statuses(session, events)
 
     # --- AMQP ticket queue -------------------------------------------------------------------
 

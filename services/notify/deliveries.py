@@ -11,7 +11,8 @@ from services.notify.models import deliveries, notify_cases
 from services.notify.planning import Delivery, masked_address, recipient_name
 
 
-def _case_row(event: dict) -> dict:
+def case_row(event: dict) -> dict:
+    """What notify keeps of a case, from its ``case_received`` event (or intake's view of it)."""
     return dict(
         case_id=event["case_id"],
         source=event["source"],
@@ -25,13 +26,13 @@ def _case_row(event: dict) -> dict:
 
 def record_case(session, event: dict) -> dict | None:
     """Store what notify needs of a case, once: the row, or None when it was already stored."""
-    row = _case_row(event)
+    row = case_row(event)
     return row if insert_ignoring_duplicates(session, notify_cases, row) else None
 
 
 def record_cases(session, events: list[dict]) -> list[dict]:
     """``record_case`` for many, in one statement: the rows stored now."""
-    rows = list({event["case_id"]: _case_row(event) for event in events}.values())
+    rows = list({event["case_id"]: case_row(event) for event in events}.values())
     stored = set(insert_many_ignoring_duplicates(session, notify_cases, rows, notify_cases.c.case_id))
     return [row for row in rows if row["case_id"] in stored]
 

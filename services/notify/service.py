@@ -65,8 +65,8 @@ class NotifyService(ServiceBase):
         owed, errors = [], {}
         for position, event in enumerate(events):
             case = cases.get(event["case_id"])
-            if case is None:  # its case_received has not been handled yet
-                errors[position] = LookupError(f"case {event['case_id']} not seen yet")
+            if case is None:  # not even intake knows it (yet): tried again later
+                errors[position] = LookupError(f"case {event['case_id']} not known to intake")
             else:
                 owed.append((event, self._plan(settings, event, case)))
         with self.db.begin() as session:
@@ -101,15 +101,24 @@ class NotifyService(ServiceBase):
         return self.state.setdefault("recent_cases", deliveries.RecentCases())
 
     def _cases(self, case_ids: set) -> dict[str, dict]:
-        """The cases notify has stored, from memory, or else in one query."""
+        """The cases the events are about: from memory, else from notify's table in one query,
+        else — an event that overtook its case's ``case_received``, which is common in a burst
+        (another queue) — from intake, in one call, and stored as ``case_received`` would."""
         recent = self._recent_cases()
         found = {case_id: recent.get(case_id) for case_id in case_ids}
         missing = [case_id for case_id, case in found.items() if case is None]
         if missing:
             with self.db() as session:
-                for case in deliveries.cases_of(session, missing).values():
-                    recent.put(case)
-                    found[case["case_id"]] = case
+                found.update(deliveries.cases_of(session, missing))
+            missing = [case_id for case_id in missing if found[case_id] is None]
+        if missing:
+            known = [{**view, "case_id": view["id"]} for view in self.intake.get_cases(missing)]
+            with self.db.begin() as session:
+                deliveries.record_cases(session, known)
+            found.update((case["case_id"], deliveries.case_row(case)) for case in known)
+        for case in found.values():
+            if case is not None:
+                recent.put(case)
         return found
 
     def _enqueue(self, delivery_ids: list[int]):

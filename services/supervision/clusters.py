@@ -11,6 +11,7 @@ cases is closed — it is still one problem; closed cases only stop counting.
 """
 
 import re
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -19,7 +20,8 @@ _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
 
 def bigrams(text: str) -> frozenset:
     compact = _NOT_WORD.sub("", (text or "").lower())
-    return frozenset(compact[i : i + 2] for i in range(len(compact) - 1)) or frozenset([compact])
+    # interned: the same two characters recur across cases, and the words of many are kept
+    return frozenset(sys.intern(compact[i : i + 2]) for i in range(len(compact) - 1)) or frozenset([compact])
 
 
 def cluster_key(category: str | None, street: str | None, first_case_id: str) -> str:
@@ -29,9 +31,9 @@ def cluster_key(category: str | None, street: str | None, first_case_id: str) ->
 
 def clusters_to_join(words: frozenset, peers, threshold: float) -> list[str]:
     """The keys of the clusters a new case belongs to: those with a case similar enough to it.
-    ``peers`` are ``(cluster key, peer)`` of the unresolved cases it may cluster with, where
-    ``peer.words`` are the peer's words (worked out only when read); once one case of a cluster
-    matches, the rest of that cluster is skipped (a big cluster costs little)."""
+    ``peers`` are ``(cluster key, peer)`` of the unresolved cases it may cluster with, with the
+    peer's words in ``peer.words``; once one case of a cluster matches, the rest of that cluster
+    is skipped (a big cluster costs little)."""
     joined: list[str] = []
     for key, peer in peers:
         if key not in joined and similarity(words, peer.words) >= threshold:

@@ -13,6 +13,7 @@ of open cases (bench/sweep.py).
 import functools
 import itertools
 import json
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -99,35 +100,39 @@ def _departments(departments_json: str | None) -> tuple:
     return tuple(json.loads(departments_json)) if departments_json else ()
 
 
+def _case_columns():
+    c = case_projection.c
+    return (
+        c.case_id,
+        c.status,
+        c.kind,
+        c.category,
+        c.street,
+        c.source,
+        c.title,
+        cast(c.departments, Text).label("departments_json"),  # parsed once per distinct value
+        c.lead_department,
+        c.first_referred_at,
+        c.returns,
+        c.extensions,
+        c.reopen_count,
+        c.unsatisfied_count,
+        c.last_rating,
+        c.residents_affected,
+        c.cluster_key,
+        c.nearest_due,
+        c.on_agenda,
+        c.received_at,
+        func.count().over(partition_by=c.cluster_key).label("similar"),
+    )
+
+
 def _case_rows(session, which, stream: bool = True):
     """Unresolved cases meeting ``which``, each with the facts that live in other tables, ordered
     so that a cluster's cases come together (and its count is over the cluster, not the page)."""
     c = case_projection.c
     query = (
-        select(
-            c.case_id,
-            c.status,
-            c.kind,
-            c.category,
-            c.street,
-            c.source,
-            c.title,
-            cast(c.departments, Text).label("departments_json"),  # parsed once per distinct value
-            c.lead_department,
-            c.first_referred_at,
-            c.returns,
-            c.extensions,
-            c.reopen_count,
-            c.unsatisfied_count,
-            c.last_rating,
-            c.residents_affected,
-            c.cluster_key,
-            c.nearest_due,
-            c.on_agenda,
-            func.count().over(partition_by=c.cluster_key).label("similar"),
-        )
-        .where(c.status != "closed", which)
-        .order_by(c.cluster_key, c.received_at, c.case_id)
+        select(*_case_columns()).where(c.status != "closed", which).order_by(c.cluster_key, c.received_at, c.case_id)
     )
     if not stream:  # a case's cluster: a few rows, one round trip
         return session.execute(query)
@@ -137,6 +142,33 @@ def _case_rows(session, which, stream: bool = True):
         # case of every shard for each shard. We read every row, so plan for all of them.
         session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
     return session.execute(query.execution_options(yield_per=ROWS_PER_FETCH))
+
+
+def _target_rows(session, targets: set):
+    """The unresolved ones of ``targets``, in the order of ``_case_rows``, each with the count of
+    its cluster's unresolved cases: the cluster's other cases are counted in PostgreSQL, not sent."""
+    c = case_projection.c
+    clusters = select(*_case_columns()).where(c.status != "closed", _clusters_of(c.case_id.in_(targets))).subquery()
+    return session.execute(
+        select(clusters)
+        .where(clusters.c.case_id.in_(targets))
+        .order_by(clusters.c.cluster_key, clusters.c.received_at, clusters.c.case_id)
+    )
+
+
+def _unresolved_members(session, cluster_keys) -> dict[str, list[str]]:
+    """``{cluster key: its unresolved cases}``, in the order of ``_case_rows``."""
+    c = case_projection.c
+    members = defaultdict(list)
+    keys = sorted(cluster_keys)
+    for start in range(0, len(keys), 1000):
+        for key, case_id in session.execute(
+            select(c.cluster_key, c.case_id)
+            .where(c.status != "closed", c.cluster_key.in_(keys[start : start + 1000]))
+            .order_by(c.cluster_key, c.received_at, c.case_id)
+        ):
+            members[key].append(case_id)
+    return members
 
 
 def _row_facts(case, now: datetime, calendar: WorkingCalendar, today=None) -> dict:
@@ -164,23 +196,19 @@ def evaluate(
     case (of one sweep shard, when given; only the clusters with a case changed since
     ``changed_since``, when given)."""
     if case_ids is not None:
-        targets = set(case_ids)
-        if not targets:
+        if not case_ids:
             return 0, []
-        which = _clusters_of(case_projection.c.case_id.in_(targets))
+        rows = _target_rows(session, set(case_ids))  # their clusters' members are read below, if needed
     else:
-        targets = None
         which = shard_filter(shard) if shard is not None else true()
         if changed_since is not None:
             which = and_(which, _clusters_of(and_(which, case_projection.c.changed_at >= changed_since)))
+        rows = _case_rows(session, which)
     evaluated, decisions, reminders, today = 0, {}, [], cst_date(now)
-    rows = _case_rows(session, which, stream=targets is None)
     for cluster, members in itertools.groupby(rows, key=lambda row: row.cluster_key):
         members = list(members)
-        member_ids = [m.case_id for m in members]
+        member_ids = [m.case_id for m in members] if case_ids is None else []
         for case in members:
-            if targets is not None and case.case_id not in targets:
-                continue
             evaluated += 1
             if evaluated % YIELD_EVERY == 0:
                 eventlet.sleep(0)
@@ -196,6 +224,11 @@ def evaluate(
                         decisions[decision.key] = decision
                         if action == "remind_department":
                             reminders.append((decision, case.nearest_due))
+    if case_ids is not None:  # a cluster-scope decision names every unresolved case of its cluster
+        for_clusters = [d for d in decisions.values() if d.scope == "cluster"]
+        members = _unresolved_members(session, {d.subject_id for d in for_clusters})
+        for decision in for_clusters:
+            decision.case_ids = members[decision.subject_id]
     _add_reminded_referrals(session, reminders)
     return evaluated, list(decisions.values())
 

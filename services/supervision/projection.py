@@ -8,8 +8,8 @@ from what routing's event carries and completed when intake's event arrives.
 """
 
 import bisect
-import functools
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
@@ -193,25 +193,52 @@ def _register_and_lock_shards(session, shards: list[tuple[str, str]]) -> None:
     )
 
 
-@functools.lru_cache(maxsize=8192)
-def _words(title: str, description: str | None) -> frozenset:
-    """A case's two-character words, computed once per text: a case is compared with each new
-    case of its shard for as long as it is open."""
-    return bigrams(f"{title}\n{description or ''}")
+class _WordsCache:
+    """Each case's two-character words, kept for the cases seen most recently: an open case is
+    compared with each new case of its shard for as long as it is open, and its text does not
+    change once intake's event has given it (before that its title is empty: not kept)."""
+
+    def __init__(self, size: int = 20_000):
+        self.size, self.words = size, OrderedDict()
+
+    def of(self, session, case_ids) -> dict[str, frozenset]:
+        """The words of each case, read from the projection for those not kept."""
+        found, missing = {}, []
+        for case_id in case_ids:
+            words = self.words.get(case_id)
+            if words is None:
+                missing.append(case_id)
+            else:
+                found[case_id] = words
+        c = case_projection.c
+        for start in range(0, len(missing), 1000):
+            for row in session.execute(
+                select(c.case_id, c.title, c.description).where(c.case_id.in_(missing[start : start + 1000]))
+            ):
+                found[row.case_id] = self.put(row.case_id, row.title, row.description)
+        return found
+
+    def put(self, case_id: str, title: str, description: str | None) -> frozenset:
+        words = bigrams(f"{title}\n{description or ''}")
+        if title:
+            self.words[case_id] = words
+            self.words.move_to_end(case_id)
+            if len(self.words) > self.size:
+                self.words.popitem(last=False)
+        return words
 
 
+WORDS = _WordsCache()
+
+
+@dataclass
 class _Peer:
-    """An open case a new case may cluster with; its words are worked out only when compared."""
+    """An open case a new case may cluster with."""
 
-    __slots__ = ("received_at", "case_id", "key", "title", "description")
-
-    def __init__(self, received_at, case_id, key, title, description):
-        self.received_at, self.case_id, self.key = received_at, case_id, key
-        self.title, self.description = title, description
-
-    @property
-    def words(self) -> frozenset:
-        return _words(self.title, self.description)
+    received_at: datetime
+    case_id: str
+    key: str
+    words: frozenset
 
 
 def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
@@ -236,20 +263,25 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
         window = timedelta(days=settings["cluster_window_days"])
         arriving = {case.case_id for case in cases}
         received = [case.received_at for case in cases if case.case_id not in keys]
-        peers = defaultdict(list)  # shard → its open cases, in the order they were received
-        for p in session.execute(
-            select(c.street, c.category, c.case_id, c.cluster_key, c.title, c.description, c.received_at)
-            .where(
-                tuple_(c.street, c.category).in_(shards),
-                c.status != "closed",
-                c.received_at.between(min(received) - window, max(received) + window),
-            )
-            .order_by(c.street, c.category, c.received_at, c.case_id)
-        ):
-            if p.case_id not in arriving:
-                peers[(p.street, p.category)].append(
-                    _Peer(p.received_at, p.case_id, p.cluster_key, p.title, p.description)
+        rows = [
+            row
+            for row in session.execute(
+                select(c.street, c.category, c.case_id, c.cluster_key, c.received_at)
+                .where(
+                    tuple_(c.street, c.category).in_(shards),
+                    c.status != "closed",
+                    c.received_at.between(min(received) - window, max(received) + window),
                 )
+                .order_by(c.street, c.category, c.received_at, c.case_id)
+            )
+            if row.case_id not in arriving
+        ]
+        words = WORDS.of(session, [row.case_id for row in rows])
+        peers = defaultdict(list)  # shard → its open cases, in the order they were received
+        for row in rows:
+            peers[(row.street, row.category)].append(
+                _Peer(row.received_at, row.case_id, row.cluster_key, words[row.case_id])
+            )
         for shard in shards:
             _join(
                 session,
@@ -270,8 +302,9 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
 def _join(session, arrivals: list, peers: list[_Peer], window: timedelta, settings: dict, keys: dict) -> None:
     """The arrivals of one shard join its clusters, in order; ``keys`` gets each one's key."""
     for case in arrivals:
+        words = WORDS.put(case.case_id, case.title, case.description)
         joined = clusters_to_join(
-            _words(case.title, case.description),
+            words,
             ((peer.key, peer) for peer in peers if abs(peer.received_at - case.received_at) <= window),
             settings["cluster_similarity"],
         )
@@ -287,7 +320,7 @@ def _join(session, arrivals: list, peers: list[_Peer], window: timedelta, settin
                     peer.key = key
             keys.update({case_id: key for case_id, old in keys.items() if old in joined[1:]})
         keys[case.case_id] = key
-        bisect.insort(peers, _Peer(case.received_at, case.case_id, key, case.title, case.description), key=_order)
+        bisect.insort(peers, _Peer(case.received_at, case.case_id, key, words), key=_order)
 
 
 def _order(peer: _Peer):

@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from services.common.auth import KeyCache, actor_for, require_staff
 from services.common.base import ServiceBase
+from services.common.batching import Coalesced
 from services.common.db import snapshot
 from services.common.events import event_batch_handler
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed, http, json_body, json_response
@@ -127,8 +128,7 @@ class SupervisionService(ServiceBase):
         settings = self.rules.get().rules.settings
         with self.db.begin() as session:
             fresh = projection.record_cases_received(session, events, settings)
-        if fresh:
-            self._evaluate_and_apply(now(), fresh)
+        self._evaluate_after_events(fresh)
 
     # One handler, one queue per routing event type (nameko names each queue after the type).
     @event_batch_handler("routing", "case_referred")
@@ -146,8 +146,15 @@ class SupervisionService(ServiceBase):
         settings = self.rules.get().rules.settings
         with self.db.begin() as session:
             fresh = projection.record_routing_events(session, events, settings)
-        if fresh:
-            self._evaluate_and_apply(now(), fresh)
+        self._evaluate_after_events(fresh)
+
+    def _evaluate_after_events(self, case_ids: list):
+        """Evaluate the cases events just changed. The batches handled at once in this process
+        are evaluated together, one evaluation at a time (batching.Coalesced): their clusters
+        once, and no two evaluations racing for the same decisions."""
+        if case_ids:
+            evaluations = self.state.setdefault("evaluations", Coalesced())
+            evaluations(case_ids, lambda ids: self._evaluate_and_apply(now(), sorted(ids)))
 
     @timer(interval=5)
     def periodic_sweep(self):
