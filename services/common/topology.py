@@ -130,6 +130,14 @@ def declare(entity, channel) -> None:
         ) from None
 
 
+# Queues of handlers that are gone. Still bound, they would keep collecting events nobody reads;
+# they held nothing that is not elsewhere, so they are deleted.
+RETIRED_QUEUES = (
+    "evt-intake-case_received--notify.on_case_received",  # notify asks intake for a case when it needs it
+    "evt-intake-case_received--notify.on_case_received.retry",
+)
+
+
 def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
     """Declare every exchange and queue the system uses; returns the queue names."""
     from services.common.events import DEAD_QUEUE, retry_queue_for
@@ -152,4 +160,6 @@ def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
         for queue in [*ticket_queues(), *delivery_queues()]:
             declare(queue, channel)
             declared.append(queue.name)
+        for name in RETIRED_QUEUES:
+            channel.queue_delete(name)  # nothing to do when it does not exist
     return declared

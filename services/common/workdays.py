@@ -37,6 +37,8 @@ class WorkingCalendar:
         self.fallback_years = set(fallback_years)
         self._warned: set[int] = set()
         self._between: dict = {}  # sweeps ask the same (start, end) pairs for thousands of cases
+        self._working: dict[date, bool] = {}  # every referral's deadline counts the same days
+        self._added: dict = {}  # (start, count): every case referred on a day gets one of a few
 
     @classmethod
     def from_file(cls, path: Path) -> "WorkingCalendar":
@@ -72,6 +74,12 @@ class WorkingCalendar:
         return "weekends only"
 
     def is_working_day(self, day: date) -> bool:
+        working = self._working.get(day)
+        if working is None:
+            working = self._working[day] = self._is_working_day(day)
+        return working
+
+    def _is_working_day(self, day: date) -> bool:
         if day.year in PUBLISHED_YEARS:
             return chinese_calendar.is_workday(day)
         if day.year not in self._warned:
@@ -87,13 +95,17 @@ class WorkingCalendar:
 
     def add_working_days(self, start: date, count: int) -> date:
         """The ``count``-th working day after ``start`` (``start`` itself does not count)."""
-        day = start
-        remaining = count
-        while remaining > 0:
-            day += timedelta(days=1)
-            if self.is_working_day(day):
-                remaining -= 1
-        return day
+        key = (start, count)
+        if key not in self._added:
+            if len(self._added) > 100_000:
+                self._added.clear()
+            day, remaining = start, count
+            while remaining > 0:
+                day += timedelta(days=1)
+                if self.is_working_day(day):
+                    remaining -= 1
+            self._added[key] = day
+        return self._added[key]
 
     def next_working_day(self, day: date) -> date:
         while not self.is_working_day(day):

@@ -12,7 +12,7 @@ from services.notify.planning import Delivery, masked_address, recipient_name
 
 
 def case_row(event: dict) -> dict:
-    """What notify keeps of a case, from its ``case_received`` event (or intake's view of it)."""
+    """What notify keeps of a case, from intake's view of it (or its ``case_received`` event)."""
     return dict(
         case_id=event["case_id"],
         source=event["source"],
@@ -44,7 +44,7 @@ def cases_of(session, case_ids) -> dict[str, dict]:
 
 class RecentCases:
     """The last ``size`` cases notify stored or read. A notify_cases row never changes once
-    stored (case_received is inserted once), so each later event of a case need not read it."""
+    stored, so each later event of a case need not read it."""
 
     def __init__(self, size: int = 10_000):
         self.size, self.rows = size, OrderedDict()

@@ -7,7 +7,8 @@ from services.common.outbox import outbox_table
 
 metadata = MetaData()
 
-# What notify needs to know of a case, from case_received (it reads no other service's tables).
+# What notify needs to know of a case, asked of intake when an event first needs it (it reads no
+# other service's tables).
 notify_cases = Table(
     "notify_cases",
     metadata,

@@ -102,8 +102,9 @@ class NotifyService(ServiceBase):
 
     def _cases(self, case_ids: set) -> dict[str, dict]:
         """The cases the events are about: from memory, else from notify's table in one query,
-        else — an event that overtook its case's ``case_received``, which is common in a burst
-        (another queue) — from intake, in one call, and stored as ``case_received`` would."""
+        else from intake, in one call for them all, and kept in that table. (Notify learns of a
+        case when one of its events first needs it: hearing of every ``case_received`` cost a
+        message per case, and routing's event often overtook it in a burst.)"""
         recent = self._recent_cases()
         found = {case_id: recent.get(case_id) for case_id in case_ids}
         missing = [case_id for case_id, case in found.items() if case is None]
@@ -124,13 +125,6 @@ class NotifyService(ServiceBase):
     def _enqueue(self, delivery_ids: list[int]):
         """Work messages naming the deliveries, all confirmed by the broker at once."""
         self.enqueue.publish_batch(work_messages(delivery_ids))
-
-    @event_batch_handler("intake", "case_received")
-    def on_case_received(self, events: list):
-        with self.db.begin() as session:
-            stored = deliveries.record_cases(session, events)
-        for case in stored:
-            self._recent_cases().put(case)
 
     @reliable_event_handler("intake", "directory_loaded")
     def on_directory_loaded(self, event):
