@@ -124,7 +124,7 @@ class Watcher:
             rows = self.stack.rows(
                 "SELECT t.id, i.external_id FROM supervision_timeline t JOIN intake_cases i ON i.id = t.case_id"
                 " WHERE t.id > :after AND t.event_type = 'case_referred'",
-                after=max(0, self.last_id - 2000),
+                after=max(0, self.last_id - 300),
             )
             at = time.perf_counter()
             for row_id, external_id in rows:

@@ -146,36 +146,43 @@ class Coalesced:
     at about the same time: the items handed over while a run goes on are run together next, by
     whichever of their workers comes first (each hands over the same function, bound to itself).
 
-    Two batches handled at once that need the same follow-up (supervision evaluating the
-    clusters their cases are in) then do it once, and never race each other for the same rows.
-    Each caller returns once a run has included its items, and raises ``RunFailed`` if that run
-    failed: its messages are acknowledged only after the follow-up, as if it had run it itself."""
+    Work that each worker would otherwise do on its own — supervision evaluating the clusters of
+    the cases its batch changed, intake storing one HTTP submission — is then done once for all
+    of them, in one transaction, and no two runs race each other for the same rows. Each caller
+    gets the results of its own items (``function`` returns one per item, in order, or None) once
+    a run has included them, and raises ``RunFailed`` if that run failed: its message or request
+    is answered only after the work, as if it had done it alone."""
 
     def __init__(self):
         self._lock = threading.Lock()  # green once eventlet has patched threading
         self._waiting: list[_Handed] = []
 
-    def __call__(self, items, function) -> None:
-        handed = _Handed(set(items))
+    def __call__(self, items: list, function) -> list | None:
+        handed = _Handed(list(items))
         self._waiting.append(handed)
         while not handed.finished:
             with self._lock:
                 if handed.finished:  # the run before ours took our items
                     break
                 run, self._waiting = self._waiting, []
-                error = None
+                results, error = None, None
                 try:
-                    function(set().union(*(h.items for h in run)))
+                    results = function([item for each in run for item in each.items])
                 except Exception as exc:  # each caller of this run raises it
                     error = exc
+                start = 0
                 for each in run:
+                    end = start + len(each.items)
                     each.finished, each.error = True, error
+                    each.results = None if results is None else results[start:end]
+                    start = end
         if handed.error is not None:
             raise RunFailed(f"{type(handed.error).__name__}: {handed.error}") from handed.error
+        return handed.results
 
 
 class _Handed:
-    __slots__ = ("items", "finished", "error")
+    __slots__ = ("items", "finished", "error", "results")
 
-    def __init__(self, items: set):
-        self.items, self.finished, self.error = items, False, None
+    def __init__(self, items: list):
+        self.items, self.finished, self.error, self.results = items, False, None, None

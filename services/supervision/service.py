@@ -153,8 +153,10 @@ class SupervisionService(ServiceBase):
         are evaluated together, one evaluation at a time (batching.Coalesced): their clusters
         once, and no two evaluations racing for the same decisions."""
         if case_ids:
-            evaluations = self.state.setdefault("evaluations", Coalesced())
-            evaluations(case_ids, lambda ids: self._evaluate_and_apply(now(), sorted(ids)))
+            self.state.setdefault("evaluations", Coalesced())(case_ids, self._evaluate_cases)
+
+    def _evaluate_cases(self, case_ids: list) -> None:
+        self._evaluate_and_apply(now(), sorted(set(case_ids)))
 
     @timer(interval=5)
     def periodic_sweep(self):
