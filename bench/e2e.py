@@ -9,9 +9,9 @@ processes (`huiying up`), notify sending its e-mail to an SMTP server on loopbac
   a confirm for each ticket, and HTTP clients); throughput = cases referred and visible in
   supervision / time from the first send to the last of them.
 - steady: ``--rate`` cases a second for ``--seconds``, each sent at its scheduled moment whatever
-  the system is doing (open loop), and the latency of each: the moment a watcher (polling every
-  20 ms) first sees its referral in supervision's tables − the moment its publish was confirmed
-  (or its HTTP request answered).
+  the system is doing (open loop), and the latency of each: the moment its referral became
+  visible in supervision's tables (a notification at the commit) − the moment its publish was
+  confirmed (or its HTTP request answered).
 - where the capacity goes: CPU seconds of each process during the burst, per case (the machine
   is shared: CPU time includes what a noisy neighbour costs, so compare shares, not single runs),
   and the transactions and broker messages per case, which do not vary.
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import queue
+import select
 import shutil
 import statistics
 import subprocess
@@ -30,11 +31,13 @@ import time
 import uuid
 from pathlib import Path
 
+import psycopg2
 import requests
 from kombu import Connection, Producer
 
 from bench.raw_broker import measure as raw_broker
-from tests.conftest import DEMO_DIRECTORY, Receiver, SmtpServer
+from bench.smtp_sink import SmtpSink
+from tests.conftest import DEMO_DIRECTORY, Receiver
 from tests.faults.harness import MANAGEMENT, SERVICES, TICKETS, Resources, Stack, case_payload
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
@@ -110,27 +113,50 @@ class Senders:
 
 
 class Watcher:
-    """Polls supervision's timeline every 20 ms for newly projected referrals; records when each
-    external id's referral was first seen. It reads only rows added since its last poll (with a
-    margin for transactions that committed out of order), so its cost does not grow with the run."""
+    """Records when each external id's referral became visible in supervision. A trigger the
+    benchmark adds to its own database notifies, at each commit that inserts referrals into
+    supervision's projection, which cases they belong to (LISTEN/NOTIFY: delivered when the
+    transaction commits, i.e. when they became visible); nothing is polled, so the watcher costs
+    the same however long the run."""
+
+    CHANNEL = "huiying_bench_referred"
 
     def __init__(self, stack: Stack):
-        self.stack, self.seen, self.running, self.last_id = stack, {}, True, 0
+        self.stack, self.seen, self.running = stack, {}, True
+        self.connection = psycopg2.connect(stack.database_url)
+        self.connection.autocommit = True
+        cursor = self.connection.cursor()
+        cursor.execute(
+            f"""
+            CREATE OR REPLACE FUNCTION bench_referred() RETURNS trigger AS $$
+            BEGIN
+                PERFORM pg_notify('{self.CHANNEL}', string_agg(DISTINCT case_id, ',')) FROM inserted;
+                RETURN NULL;
+            END $$ LANGUAGE plpgsql;
+            CREATE TRIGGER bench_referred AFTER INSERT ON supervision_referrals
+                REFERENCING NEW TABLE AS inserted FOR EACH STATEMENT EXECUTE FUNCTION bench_referred();
+            LISTEN {self.CHANNEL};
+            """
+        )
         self.thread = threading.Thread(target=self.run, daemon=True)
         self.thread.start()
 
     def run(self):
+        external_ids = {}  # case id → external id
         while self.running:
-            rows = self.stack.rows(
-                "SELECT t.id, i.external_id FROM supervision_timeline t JOIN intake_cases i ON i.id = t.case_id"
-                " WHERE t.id > :after AND t.event_type = 'case_referred'",
-                after=max(0, self.last_id - 300),
-            )
+            if select.select([self.connection], [], [], 0.2)[0] == []:
+                continue
+            self.connection.poll()
             at = time.perf_counter()
-            for row_id, external_id in rows:
-                self.seen.setdefault(external_id, at)
-                self.last_id = max(self.last_id, row_id)
-            time.sleep(0.02)
+            case_ids = {c for note in self.connection.notifies for c in note.payload.split(",")}
+            self.connection.notifies.clear()
+            unknown = [c for c in case_ids if c not in external_ids]
+            if unknown:
+                external_ids.update(
+                    self.stack.rows("SELECT id, external_id FROM intake_cases WHERE id = ANY(:ids)", ids=unknown)
+                )
+            for case_id in case_ids:
+                self.seen.setdefault(external_ids.get(case_id), at)
 
     def wait(self, expected: set, timeout: float) -> bool:
         deadline = time.perf_counter() + timeout
@@ -141,6 +167,7 @@ class Watcher:
     def stop(self):
         self.running = False
         self.thread.join()
+        self.connection.close()
 
 
 def percentiles(values: list[float]) -> dict:
@@ -158,7 +185,7 @@ class Meter:
     """CPU seconds of the processes that do the work, transactions of the benchmark's database
     and messages through its vhost, between ``start`` and ``stop``."""
 
-    def __init__(self, stack: Stack, smtp: SmtpServer):
+    def __init__(self, stack: Stack, smtp: SmtpSink):
         self.stack, self.smtp = stack, smtp
 
     def _pids(self) -> dict[str, list[int]]:
@@ -246,7 +273,7 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="huiying-bench-"))
     shutil.copytree(RULES_DIR, root / "rules")
     resources = Resources()
-    smtp, receiver = SmtpServer(None), Receiver()  # the SMTP server accepts and keeps nothing
+    smtp, receiver = SmtpSink(), Receiver()  # the SMTP server accepts and keeps nothing
     vhost = resources.vhost()
     stack = Stack(
         root,

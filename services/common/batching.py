@@ -1,17 +1,19 @@
 """Queue entrypoints that hand one worker every message already waiting, not one worker each.
 
 nameko spawns a worker per message: a worker, a transaction and a commit for every event, which
-was most of what a case cost (bench/e2e.py). A batching entrypoint collects the messages its
-queue consumer has received and, as soon as that consumer waits for more, gives them to one
-worker as a list (at most ``max_batch``). When messages trickle in, a batch is one message and
-nothing waits; in a burst, a batch is whatever arrived while the previous one was handled. No
-timer holds a message back.
+was most of what a case cost (bench/e2e.py). A batching entrypoint collects what its queue
+consumer has received and, as soon as that consumer waits for more, gives it to one worker as a
+list (at most ``max_batch`` items). When messages trickle in, a batch is one item and nothing
+waits; in a burst, a batch is whatever arrived while the previous one was handled. No timer
+holds a message back.
 
-Each message is settled on its own, as before: when the worker returns, every message of its
-batch is acknowledged. When it raises, the messages are tried again one per worker, so that the
-ones that can be handled are, and only the one that cannot goes on to be retried later or
-parked (the entrypoint's ``handle_message_processed``). Handlers must be idempotent — they are
-already, since delivery is at least once — because a message of a failed batch is handled again.
+A message may carry several items (``items_of``: events travel several to a message, see
+events.py). Each message is settled on its own, once all its items are handled: acknowledged
+when they all were. When a worker raises, its items are tried again one per worker, so that the
+ones that can be handled are and only the one that cannot goes on to be retried later or parked
+(``handle_message_processed`` for a message of one item, ``handle_items_failed`` for the failed
+items of a message of several). Handlers must be idempotent — they are already, since delivery
+is at least once — because an item of a failed batch is handled again.
 """
 
 import logging
@@ -27,25 +29,34 @@ MAX_BATCHES_IN_FLIGHT = 2  # per entrypoint: one batch prepared while another wa
 
 
 class SomeFailed(Exception):
-    """Raised by a batch handler that handled part of its batch: the messages at the positions
-    in ``errors`` go on to be retried or parked, each with its own error; the others are
-    acknowledged. (Raising anything else fails the whole batch.)"""
+    """Raised by a batch handler that handled part of its batch: the items at the positions in
+    ``errors`` go on to be retried or parked, each with its own error; the others count as
+    handled. (Raising anything else fails the whole batch.)"""
 
     def __init__(self, errors: dict[int, BaseException]):
         super().__init__(f"{len(errors)} of the batch failed: " + "; ".join(f"{e!r}"[:100] for e in errors.values()))
         self.errors = errors
 
 
+class _Tally:
+    """What is left to settle of one message."""
+
+    __slots__ = ("items", "remaining", "failed")
+
+    def __init__(self, items: int):
+        self.items, self.remaining, self.failed = items, items, []
+
+
 class Batching:
     """Mixin for a nameko ``Consumer`` entrypoint (before it in the bases). With ``max_batch`` 1
-    the method gets one message body, as nameko's own consumers do; above 1, a list of bodies.
-    The subclass's ``handle_message_processed(message, result, exc_info)`` settles one message."""
+    the method gets one item, as nameko's own consumers get one body; above 1, a list of items.
+    The subclass's ``handle_message_processed(message, result, exc_info)`` settles a message."""
 
     def __init__(self, *args, max_batch: int = 1, expected_exceptions=(), **kwargs):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
-        # SomeFailed is how a handler hands some messages on to be retried: not a crash
+        # SomeFailed is how a handler hands some items on to be retried: not a crash
         expected = expected_exceptions if isinstance(expected_exceptions, tuple) else (expected_exceptions,)
         super().__init__(*args, expected_exceptions=(*expected, SomeFailed), **kwargs)
 
@@ -55,24 +66,44 @@ class Batching:
         flight and the next one filling."""
         return self.max_batch * (MAX_BATCHES_IN_FLIGHT + 1)
 
+    def items_of(self, body) -> list:
+        """The items a message body carries (here: the body itself)."""
+        return [body]
+
+    def handle_items_failed(self, message, failed: list) -> None:
+        """Settle a message of several items of which ``failed`` — ``(item, exc_info)`` — could
+        not be handled; the others were. Here the whole message fails (its other items are handled
+        again when it comes back: handlers are idempotent); events.py retries just the failed."""
+        self.handle_message_processed(message, None, failed[0][1])
+
     def setup(self):
         super().setup()
-        self._waiting = []  # (body, message): received, not yet given to a worker
-        self._alone = []  # messages of a failed batch, each to be tried in a worker of its own
+        self._waiting = []  # (item, message): received, not yet given to a worker
+        self._alone = []  # items of a failed batch, each to be tried in a worker of its own
+        self._tallies: dict = {}  # message → _Tally
         self._in_flight = 0
         self._flush_scheduled = False
 
     def stop(self):
         super().stop()  # the consumer is cancelled: nothing more arrives
-        # What no worker took goes back to the queue now (another replica may take it) rather
-        # than when the connection closes.
-        waiting, self._waiting, self._alone = self._waiting + self._alone, [], []
-        for _body, message in waiting:
-            self.queue_consumer.requeue_message(message)
+        # A message no worker has taken an item of goes back to the queue now (another replica
+        # may take it) rather than when the connection closes. One that a worker is handling
+        # part of stays unacknowledged: RabbitMQ redelivers it whole when the connection closes.
+        left, self._waiting, self._alone = self._waiting + self._alone, [], []
+        untouched = {}
+        for _item, message in left:
+            untouched[message] = untouched.get(message, 0) + 1
+        for message, count in untouched.items():
+            if self._tallies.get(message) is not None and self._tallies[message].remaining == count:
+                self.queue_consumer.requeue_message(message)
 
     def handle_message(self, body, message):
         """Called by the queue consumer for each message it receives; never blocks."""
-        self._waiting.append((body, message))
+        items = self.items_of(body)
+        if not items:
+            return self.handle_message_processed(message, None, None)
+        self._tallies[message] = _Tally(len(items))
+        self._waiting.extend((item, message) for item in items)
         self._schedule_flush()
 
     def _schedule_flush(self):
@@ -96,8 +127,8 @@ class Batching:
             self._spawn(batch)
 
     def _spawn(self, batch: list):
-        bodies = [body for body, _message in batch]
-        args = (bodies,) if self.max_batch > 1 else (bodies[0],)
+        items = [item for item, _message in batch]
+        args = (items,) if self.max_batch > 1 else (items[0],)
         self._in_flight += 1
         try:
             # blocks while the container's workers are all busy: that is the back-pressure
@@ -110,31 +141,47 @@ class Batching:
             )
         except ContainerBeingKilled:
             self._in_flight -= 1
-            for _body, message in batch:
+            for message in dict.fromkeys(message for _item, message in batch):
+                self._tallies.pop(message, None)
                 self.queue_consumer.requeue_message(message)
 
     def _batch_handled(self, batch, worker_ctx, result=None, exc_info=None):
         self._in_flight -= 1
         if exc_info is not None and isinstance(exc_info[1], SomeFailed):
             errors = exc_info[1].errors
-            for position, (_body, message) in enumerate(batch):
-                error = errors.get(position)
-                failure = None if error is None else (type(error), error, error.__traceback__)
-                self.handle_message_processed(message, result, failure)
+            outcomes = [errors.get(position) for position in range(len(batch))]
+            outcomes = [None if e is None else (type(e), e, e.__traceback__) for e in outcomes]
         elif exc_info is None or len(batch) == 1:
-            for _body, message in batch:
-                self.handle_message_processed(message, result, exc_info)
+            outcomes = [exc_info] * len(batch)
         else:
             log.warning(
-                "%s: a batch of %s failed (%s: %s); trying each message on its own",
+                "%s: a batch of %s failed (%s: %s); trying each on its own",
                 self.method_name,
                 len(batch),
                 exc_info[0].__name__,
                 str(exc_info[1])[:200],
             )
             self._alone.extend(batch)
+            outcomes = []
+        for (item, message), failure in zip(batch, outcomes):
+            self._settle(item, message, result, failure)
         self._schedule_flush()
         return result, exc_info
+
+    def _settle(self, item, message, result, failure):
+        tally = self._tallies.get(message)
+        if tally is None:  # requeued while a worker held one of its items (the container stopping)
+            return
+        tally.remaining -= 1
+        if failure is not None:
+            tally.failed.append((item, failure))
+        if tally.remaining:
+            return
+        del self._tallies[message]
+        if tally.items == 1 or not tally.failed:
+            self.handle_message_processed(message, result, tally.failed[0][1] if tally.failed else None)
+        else:
+            self.handle_items_failed(message, tally.failed)
 
 
 class RunFailed(Exception):

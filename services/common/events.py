@@ -11,6 +11,7 @@ to the handler's queue when its TTL ends), and after ``MAX_ATTEMPTS`` it is park
 ``huiying.events.dead`` with the queue it came from and the last error.
 """
 
+import json
 import logging
 
 from kombu import Exchange
@@ -61,24 +62,35 @@ class ReliableEventHandler(Batching, EventHandler):
             raise RuntimeError(f"event queue {queue.name} is not nameko's {self.queue.name}")
         self.queue = queue
 
-    def handle_message(self, body, message):
-        if isinstance(body, dict):
-            metrics.observe_lag(self.container.service_name, body)
-        super().handle_message(body, message)
+    def items_of(self, body) -> list:
+        """A message carries one event, or — as the outbox publishes them — a list of events of
+        one type (outbox.envelopes): each is handled, retried or parked on its own."""
+        events = body if isinstance(body, list) else [body]
+        for event in events:
+            if isinstance(event, dict):
+                metrics.observe_lag(self.container.service_name, event)
+        return events
 
     def handle_message_processed(self, message, result=None, exc_info=None):
         if exc_info is None:
             return self.queue_consumer.ack_message(message)
+        self._retry_or_park(message, [(message.body, exc_info)])
+
+    def handle_items_failed(self, message, failed: list):
+        # Only the events that failed come back (each alone) or are parked; the others were handled.
+        self._retry_or_park(message, [(json.dumps(event, ensure_ascii=False).encode(), e) for event, e in failed])
+
+    def _retry_or_park(self, message, failures: list):
         queue = self.queue.name
         retry_or_park(
             self,
             message,
-            exc_info,
+            failures,
             max_attempts=MAX_ATTEMPTS,
             retry=(RETRY_EXCHANGE, retry_queue_for(queue), queue),
-            park=lambda reason: DEAD_LETTER.park(
+            park=lambda reason, body: DEAD_LETTER.park(
                 self.container.config["AMQP_URI"],
-                message.body,
+                body,
                 message.content_type or "application/json",
                 message.headers,
                 reason,

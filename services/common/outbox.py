@@ -79,12 +79,12 @@ class BatchPublisher:
         self._refused = False
         self._lock = threading.Lock()  # green once eventlet has patched threading
 
-    def __call__(self, routing_key: str, payload: dict):
+    def __call__(self, routing_key: str, payload: dict | list):
         """As nameko's ``dispatch(event_type, payload)``: one message, confirmed."""
         self.publish_batch([(routing_key, payload)])
 
-    def publish_batch(self, messages: list[tuple[str, dict]]):
-        """Publish every ``(routing_key, payload)``; returns once the broker confirmed them all and
+    def publish_batch(self, messages: list[tuple[str, dict | list]]):
+        """Publish every ``(routing_key, body)``; returns once the broker confirmed them all and
         raises if it did not (then some may have gone out: the caller publishes them again)."""
         if not messages:
             return
@@ -251,10 +251,29 @@ class OutboxRelay:
                 return published
 
 
-def _publish(dispatch, messages: list[tuple[str, dict]]):
+EVENTS_PER_MESSAGE = 50
+
+
+def envelopes(events: list[tuple[str, dict]]) -> list[tuple[str, dict | list]]:
+    """The messages that carry ``(event type, payload)`` events: those of one type together, up
+    to ``EVENTS_PER_MESSAGE`` in a message whose body is their list (one alone is the payload
+    itself). A message per event cost the broker, and every consumer, most of a case's share
+    (bench/e2e.py); consumers take both (events.ReliableEventHandler.items_of)."""
+    by_type: dict[str, list] = {}
+    for event_type, payload in events:
+        by_type.setdefault(event_type, []).append(payload)
+    messages = []
+    for event_type, payloads in by_type.items():
+        for start in range(0, len(payloads), EVENTS_PER_MESSAGE):
+            chunk = payloads[start : start + EVENTS_PER_MESSAGE]
+            messages.append((event_type, chunk if len(chunk) > 1 else chunk[0]))
+    return messages
+
+
+def _publish(dispatch, events: list[tuple[str, dict]]):
     publish_batch = getattr(dispatch, "publish_batch", None)
     if publish_batch is not None:
-        publish_batch(messages)
+        publish_batch(envelopes(events))
     else:
-        for event_type, payload in messages:
+        for event_type, payload in events:
             dispatch(event_type, payload)

@@ -82,31 +82,35 @@ class DeadLetterQueue:
 
 
 def publish_for_retry(
-    amqp_uri: str, exchange: Exchange, queue: Queue, routing_key: str, message, delay: float, headers: dict
+    amqp_uri: str, exchange: Exchange, queue: Queue, routing_key: str, message, delay: float, headers: dict, body=None
 ):
-    """A copy of ``message`` (a kombu message) comes back to its work queue after ``delay`` s."""
+    """A copy of ``message`` (a kombu message) — or ``body`` with its headers — comes back to its
+    work queue after ``delay`` s."""
     publish_raw(
         amqp_uri,
         exchange,
         queue,
         routing_key,
-        message.body,
+        message.body if body is None else body,
         message.content_type or "application/json",
         {**(message.headers or {}), **headers},
         expiration=delay,
     )  # seconds (kombu turns them into the milliseconds AMQP wants)
 
 
-def retry_or_park(consumer, message, exc_info, *, max_attempts: int, retry: tuple, park) -> None:
-    """The end of a message whose handler raised: back to its queue later through
-    ``retry = (exchange, queue, routing_key)``, or, after ``max_attempts``, ``park(reason)``.
-    It is acked only once one of those is published; otherwise it is requeued, never lost."""
+def retry_or_park(consumer, message, failures: list, *, max_attempts: int, retry: tuple, park) -> None:
+    """The end of a message whose handling failed. Each of ``failures`` — ``(body, exc_info)``:
+    the message's own body, or those of the events it carried that failed — goes back to the
+    queue later through ``retry = (exchange, queue, routing_key)``, or, after ``max_attempts``,
+    is parked with ``park(reason, body)``. The message is acked only once all of those are
+    published; otherwise it is requeued, never lost."""
     attempt = int((message.headers or {}).get(ATTEMPTS_HEADER, 1))
-    error = f"{exc_info[0].__name__}: {str(exc_info[1])[:300]}"
     try:
-        if attempt >= max_attempts:
-            park(f"failed {attempt} times, last: {error}")
-        else:
+        for body, exc_info in failures:
+            error = f"{exc_info[0].__name__}: {str(exc_info[1])[:300]}"
+            if attempt >= max_attempts:
+                park(f"failed {attempt} times, last: {error}", body)
+                continue
             exchange, queue, routing_key = retry
             delay = backoff_seconds(attempt)
             log.warning(
@@ -125,6 +129,7 @@ def retry_or_park(consumer, message, exc_info, *, max_attempts: int, retry: tupl
                 message,
                 delay,
                 {ATTEMPTS_HEADER: attempt + 1},
+                body,
             )
     except Exception:
         log.exception("could not schedule a retry; requeueing the message")

@@ -77,10 +77,10 @@ class TicketConsumer(Batching, Consumer):
         retry_or_park(
             self,
             message,
-            exc_info,
+            [(message.body, exc_info)],
             max_attempts=MAX_ATTEMPTS,
             retry=(RETRY_EXCHANGE, RETRY_QUEUE, ROUTING_KEY),
-            park=lambda reason: DEAD_LETTER.park(amqp_uri, message.body, message.content_type, message.headers, reason),
+            park=lambda reason, body: DEAD_LETTER.park(amqp_uri, body, message.content_type, message.headers, reason),
         )
 
 

@@ -116,13 +116,11 @@ def test_a_failed_send_is_retried_by_the_broker(env):
     receiver, rpc = env
     receiver.fail = 2  # the first two requests (whichever channels) get 503
     case_id = submit(rpc, "N-3")
-    wait_for(
-        lambda: (
-            all(d["status"] == "sent" for d in rpc.notify.deliveries_for(case_id))
-            and len(rpc.notify.deliveries_for(case_id)) == 5
-        ),
-        timeout=30,
-    )
+    def all_five_sent():  # one read: two could see different moments (no deliveries yet, then five)
+        log = rpc.notify.deliveries_for(case_id)
+        return len(log) == 5 and all(d["status"] == "sent" for d in log)
+
+    wait_for(all_five_sent, timeout=30)
     log = rpc.notify.deliveries_for(case_id)
     # Exactly two failed attempts in all, whichever deliveries they hit (one may have hit twice).
     assert sum(d["attempts"] for d in log) == len(log) + 2, (
