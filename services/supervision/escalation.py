@@ -6,12 +6,14 @@ another replica at the same moment — finds the key taken and does nothing. An 
 likewise unique per kind, rule and subject; a growing cluster adds its new cases to its item.
 """
 
-from sqlalchemy import select, update
+from collections import defaultdict
+
+from sqlalchemy import case, literal, select, update
 
 from services.common.http import Conflict, NotFound, ValidationFailed
 from services.common.outbox import add_event
 from services.common.timeutil import CST, iso
-from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
+from services.common.upsert import dialect_insert, insert_ignoring_duplicates, insert_many_ignoring_duplicates
 from services.supervision.evaluation import Decision
 from services.supervision.models import agenda, agenda_cases, case_projection, counters, decisions, outbox
 
@@ -29,22 +31,24 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
 
     Done a batch at a time, in a few multi-row statements (a backlog's first sweep takes tens of
     thousands): a case's own agenda item is numbered before its decision is recorded, so the
-    decision row carries its item's id. A cluster's item, rarer and shared, is found or made one
-    decision at a time (``_ensure_item``)."""
+    decision row carries its item's id. A cluster's item, rarer and shared, is made one decision
+    at a time (``_ensure_item``); once made, it gains the cluster's new cases in a statement for
+    all the clusters of a rule (``_grow_cluster_items``)."""
     known = _already_taken(session, to_apply)
-    linked = _cluster_items(session, to_apply)
     fresh = [d for d in to_apply if d.key not in known]
+    linked = _cluster_items(session, [d for d in fresh if d.scope == "cluster"])
     cases = _cases(session, fresh)
     own_items = [d for d in fresh if d.action in AGENDA_KIND and d.scope == "case"]
     item_ids = dict(zip((d.key for d in own_items), _next_agenda_ids(session, now, len(own_items))))
     first_time = _record(session, fresh, item_ids, now)
     _make_own_items(session, [d for d in own_items if d.key in first_time], item_ids, now, cases)
-    taken = []
+    taken, growing = [], []
     for decision in to_apply:
         agenda_id = item_ids.get(decision.key)
         if decision.scope == "cluster" and decision.action in AGENDA_KIND:
-            growing = any((AGENDA_KIND[decision.action], decision.rule_id, c) not in linked for c in decision.case_ids)
-            if decision.key in first_time or growing:
+            if known.get(decision.key):
+                growing.append((decision, known[decision.key]))
+            else:  # recorded just now (or a moment ago by another replica)
                 agenda_id, new_cases = _ensure_item(session, decision, now, cases, linked)
                 if decision.key in first_time:
                     session.execute(
@@ -57,7 +61,43 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
         if decision.key in first_time:
             _announce(session, decision, agenda_id, cases)
             taken.append(decision)
+    for agenda_id, new_cases in _grow_cluster_items(session, growing, now).items():
+        add_event(session, outbox, "agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases})
     return taken
+
+
+def _grow_cluster_items(session, growing: list[tuple[Decision, str]], now) -> dict[str, list[str]]:
+    """Each cluster item of ``growing`` — ``(its decision, taken before; the item)`` — gains its
+    cluster's unresolved cases that are on no item of its kind and rule yet: one INSERT … SELECT
+    per rule and action, worked out in the database, so a cluster of thousands sends back only
+    its new cases. Returns ``{item: the cases it gained}``."""
+    by_rule: dict = defaultdict(dict)  # (rule, action) → {cluster key: item}
+    for decision, agenda_id in growing:
+        by_rule[(decision.rule_id, decision.action)][decision.subject_id] = agenda_id
+    c, added = case_projection.c, defaultdict(list)
+    for (rule_id, action), items in sorted(by_rule.items()):
+        on_item, item = agenda_cases.alias(), agenda.alias()
+        already_on_one = (
+            select(on_item.c.case_id)
+            .join(item, item.c.id == on_item.c.agenda_id)
+            .where(on_item.c.case_id == c.case_id, item.c.kind == AGENDA_KIND[action], item.c.rule_id == rule_id)
+            .exists()
+        )
+        new_links = select(
+            case(items, value=c.cluster_key), c.case_id, literal(now, type_=agenda_cases.c.added_at.type)
+        ).where(c.cluster_key.in_(sorted(items)), c.status != "closed", ~already_on_one)
+        statement = (
+            dialect_insert(session, agenda_cases)
+            .from_select(["agenda_id", "case_id", "added_at"], new_links)
+            .on_conflict_do_nothing()
+            .returning(agenda_cases.c.agenda_id, agenda_cases.c.case_id)
+        )
+        for agenda_id, case_id in session.execute(statement):
+            added[agenda_id].append(case_id)
+    new_cases = sorted({case_id for cases in added.values() for case_id in cases})
+    if new_cases:  # on_agenda changed for them: the next incremental sweep looks at them again
+        session.execute(update(case_projection).where(c.case_id.in_(new_cases)).values(on_agenda=True, changed_at=now))
+    return {agenda_id: sorted(cases) for agenda_id, cases in added.items()}
 
 
 DECISION_KEY = (decisions.c.rule_id, decisions.c.action, decisions.c.subject_id, decisions.c.dedupe_key)
@@ -124,20 +164,18 @@ def _make_own_items(session, taken: list[Decision], item_ids: dict, now, cases: 
     )
 
 
-def _already_taken(session, to_apply: list[Decision]) -> set:
-    """The keys of these decisions already recorded, looked up together (the unique key still
-    decides between two replicas racing to take the same one)."""
-    known: set = set()
+def _already_taken(session, to_apply: list[Decision]) -> dict:
+    """``{key: its agenda item or None}`` of these decisions already recorded, looked up together
+    (the unique key still decides between two replicas racing to take the same one)."""
+    known: dict = {}
     subjects = sorted({d.subject_id for d in to_apply})
     for start in range(0, len(subjects), 1000):
-        known.update(
-            tuple(row)
-            for row in session.execute(
-                select(decisions.c.rule_id, decisions.c.action, decisions.c.subject_id, decisions.c.dedupe_key).where(
-                    decisions.c.subject_id.in_(subjects[start : start + 1000])
-                )
+        for row in session.execute(
+            select(*DECISION_KEY, decisions.c.agenda_id).where(
+                decisions.c.subject_id.in_(subjects[start : start + 1000])
             )
-        )
+        ):
+            known[tuple(row)[:4]] = row.agenda_id
     return known
 
 

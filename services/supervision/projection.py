@@ -22,7 +22,7 @@ from services.common.upsert import (
     insert_many_ignoring_duplicates,
     update_many,
 )
-from services.supervision.clusters import bigrams, cluster_key, clusters_to_join
+from services.supervision.clusters import bigrams, cluster_key, clusters_to_join, similarity
 from services.supervision.models import case_projection, referral_projection, sweep_shards, timeline
 
 ROUTING_EVENTS = (
@@ -261,27 +261,10 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
         # rows are the lock.
         _register_and_lock_shards(session, shards)
         window = timedelta(days=settings["cluster_window_days"])
-        arriving = {case.case_id for case in cases}
-        received = [case.received_at for case in cases if case.case_id not in keys]
-        rows = [
-            row
-            for row in session.execute(
-                select(c.street, c.category, c.case_id, c.cluster_key, c.received_at)
-                .where(
-                    tuple_(c.street, c.category).in_(shards),
-                    c.status != "closed",
-                    c.received_at.between(min(received) - window, max(received) + window),
-                )
-                .order_by(c.street, c.category, c.received_at, c.case_id)
-            )
-            if row.case_id not in arriving
-        ]
-        words = WORDS.of(session, [row.case_id for row in rows])
-        peers = defaultdict(list)  # shard → its open cases, in the order they were received
-        for row in rows:
-            peers[(row.street, row.category)].append(
-                _Peer(row.received_at, row.case_id, row.cluster_key, words[row.case_id])
-            )
+        received = [case.received_at for shard in shards for case in by_shard[shard]]
+        span = (min(received) - window, max(received) + window)
+        arriving = {case.case_id for shard in shards for case in by_shard[shard]}
+        peers = _peers(session, shards, span, arriving, settings, by_shard, window)
         for shard in shards:
             _join(
                 session,
@@ -297,6 +280,77 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
             [{"b_case_id": case_id, "b_key": key} for case_id, key in keys.items()],
         )
     return keys
+
+
+FIRST_COMPARED = 3  # a cluster's most recent cases, which a new case is compared with first
+
+
+def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by_shard: dict, window) -> dict:
+    """``{shard: its open cases a new case may join, in the order they were received}``. Read in
+    two steps, so that a batch does not read every open case of its shards: each cluster's
+    ``FIRST_COMPARED`` most recent cases, and then every case only of the clusters that some
+    arrival is like none of those to. Whichever cluster an arrival joins is the same as if it
+    were compared with all."""
+    c = case_projection.c
+    in_shards = (tuple_(c.street, c.category).in_(shards), c.status != "closed", c.received_at.between(*span))
+    ranked = (
+        select(
+            c.street,
+            c.category,
+            c.case_id,
+            c.cluster_key,
+            c.received_at,
+            func.row_number()
+            .over(partition_by=c.cluster_key, order_by=(c.received_at.desc(), c.case_id.desc()))
+            .label("rank"),
+            func.count().over(partition_by=c.cluster_key).label("size"),
+        )
+        .where(*in_shards)
+        .subquery()
+    )
+    first = [
+        row
+        for row in session.execute(select(ranked).where(ranked.c.rank <= FIRST_COMPARED))
+        if row.case_id not in arriving
+    ]
+    words = WORDS.of(session, [row.case_id for row in first])
+    threshold = settings["cluster_similarity"]
+    by_cluster = defaultdict(list)
+    for row in first:
+        by_cluster[row.cluster_key].append(row)
+    unlike = set()  # clusters of more cases than compared, which some arrival is like none of
+    for key, rows in by_cluster.items():
+        if rows[0].size <= len(rows):
+            continue
+        shard = (rows[0].street, rows[0].category)
+        for arrival in by_shard[shard]:
+            arrival_words = WORDS.put(arrival.case_id, arrival.title, arrival.description)
+            if not any(
+                abs(row.received_at - arrival.received_at) <= window
+                and similarity(arrival_words, words[row.case_id]) >= threshold
+                for row in rows
+            ):
+                unlike.add(key)
+                break
+    rows = [row for row in first if row.cluster_key not in unlike]
+    if unlike:
+        rest = [
+            row
+            for row in session.execute(
+                select(c.street, c.category, c.case_id, c.cluster_key, c.received_at).where(
+                    *in_shards, c.cluster_key.in_(sorted(unlike))
+                )
+            )
+            if row.case_id not in arriving
+        ]
+        words.update(WORDS.of(session, [row.case_id for row in rest]))
+        rows += rest
+    peers = defaultdict(list)
+    for row in sorted(rows, key=lambda row: (row.received_at, row.case_id)):
+        peers[(row.street, row.category)].append(
+            _Peer(row.received_at, row.case_id, row.cluster_key, words[row.case_id])
+        )
+    return peers
 
 
 def _join(session, arrivals: list, peers: list[_Peer], window: timedelta, settings: dict, keys: dict) -> None:

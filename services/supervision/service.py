@@ -8,6 +8,7 @@ the rules through the CLI.
 
 import logging
 import tempfile
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -79,8 +80,12 @@ class SupervisionService(ServiceBase):
             )
         decided.sort(key=lambda d: d.key)  # one order everywhere: concurrent sweeps never deadlock
         taken = []
+        # One batch of decisions carried out at a time in this process: the sweepers and the
+        # evaluation after events meet the same clusters, and each would only wait for the
+        # other's locks on the same decisions and agenda links (replicas still may, rarely).
+        applying = self.state.setdefault("applying", threading.Lock())
         for start in range(0, len(decided), APPLY_BATCH):
-            with self.db.begin() as session:
+            with applying, self.db.begin() as session:
                 taken += escalation.apply(session, decided[start : start + APPLY_BATCH], now())
         if taken:
             self.publish_events()

@@ -1,0 +1,94 @@
+"""Similar cases arriving in batches, on PostgreSQL: however the cases are batched, and although a
+batch compares each arrival first with a few recent cases of each cluster (reading every case only
+of the clusters it is like none of those to), the clusters are exactly the connected groups that
+comparing every pair at once gives (clusters.clusters, which the migration that introduced kept
+clusters uses)."""
+
+import random
+import uuid
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from services.common.timeutil import CST
+from services.supervision import projection
+from services.supervision.clusters import Member, bigrams, clusters
+from services.supervision.models import case_projection
+
+SETTINGS = {"cluster_window_days": 30, "cluster_similarity": 0.2}
+START = datetime(2026, 9, 1, 9, 0, tzinfo=CST)
+# Texts that share words in chains (A~B, B~C, not A~C) and some that are like nothing else.
+TOPICS = [
+    "路灯不亮夜间出行不便",
+    "夜间出行不便路口太暗",
+    "路口太暗需要加装路灯设施",
+    "垃圾清运不及时气味难闻",
+    "气味难闻影响居民休息",
+    "噪音扰民夜间施工",
+    "断头路多年未打通",
+    "公交线路调整换乘不便",
+]
+
+
+def scenario(rng: random.Random, count: int) -> list[dict]:
+    """``count`` case_received events in 3 streets × 2 categories, over 50 days (so the 30-day
+    window matters), their texts drawn from the topics, some with a unique tail."""
+    events = []
+    for i in range(count):
+        text = rng.choice(TOPICS) + (f"编号{rng.randrange(10**6)}独有内容" * rng.randrange(0, 3))
+        received = START + timedelta(days=rng.uniform(0, 50))
+        events.append(
+            {
+                "event_id": str(uuid.uuid4()),
+                "event_type": "case_received",
+                "occurred_at": received.isoformat(),
+                "case_id": f"LG-2026-{i:06d}",
+                "source": "hotline-12345",
+                "channel": "amqp",
+                "title": text[:12],
+                "description": text[12:],
+                "street": rng.choice(["nanwan", "buji", "pinghu"]),
+                "category": rng.choice(["traffic", "environment"]),
+                "received_at": received.isoformat(),
+            }
+        )
+    return events
+
+
+def partition(groups) -> set:
+    return {frozenset(group) for group in groups}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_batched_clusters_are_those_of_all_pairs(db, seed):
+    rng = random.Random(seed)
+    events = scenario(rng, 160)
+    sessions = sessionmaker(db)
+    position = 0
+    while position < len(events):  # batches of 1 to 40, as the queue hands them over
+        size = rng.randint(1, 40)
+        with sessions.begin() as session:
+            projection.record_cases_received(session, events[position : position + size], SETTINGS)
+        position += size
+
+    with sessions() as session:
+        stored = session.execute(select(case_projection.c.case_id, case_projection.c.cluster_key)).all()
+    kept: dict = {}
+    for case_id, key in stored:
+        kept.setdefault(key, set()).add(case_id)
+
+    members = [
+        Member(
+            e["case_id"],
+            e["category"],
+            e["street"],
+            datetime.fromisoformat(e["received_at"]),
+            bigrams(f"{e['title']}\n{e['description']}"),
+        )
+        for e in events
+    ]
+    all_pairs = {key: set(ids) for key, ids in clusters(members, 30, 0.2).values()}
+    assert partition(kept.values()) == partition(all_pairs.values())
+    assert max(len(group) for group in kept.values()) > projection.FIRST_COMPARED  # big clusters were met
