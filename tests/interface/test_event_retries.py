@@ -1,6 +1,9 @@
 """A failing event handler neither loses the event nor spins on it: the broker brings it back
 after a growing delay, and parks it after the last attempt."""
 
+import json
+import uuid
+
 import pytest
 from kombu import Connection
 from nameko.exceptions import RemoteError
@@ -122,3 +125,68 @@ def test_an_undecodable_event_is_parked_and_the_consumer_carries_on(submit, rpc,
     parked = parked_messages(rabbit_config["AMQP_URI"], 1)
     assert parked[0].body == b"\xff\xfe not json"
     assert "decode" in parked[0].headers["x-huiying-reason"].lower()
+
+
+def referred_event(case_id: str) -> dict:
+    """A case_referred event as routing publishes it (supervision starts the case from it)."""
+    return {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "case_referred",
+        "occurred_at": "2026-10-09T10:00:00+08:00",
+        "case_id": case_id,
+        "source": "hotline-12345",
+        "category": "urban_management",
+        "kind": "referral",
+        "street": "nanwan",
+        "round": 1,
+        "referrals": [
+            {
+                "referral_id": f"{case_id}-R1",
+                "department": "cgj",
+                "department_name": "区城管局",
+                "lead": True,
+                "due_at": "2026-10-16T23:59:59+08:00",
+                "return_by": "2026-10-13T23:59:59+08:00",
+            }
+        ],
+    }
+
+
+def test_in_a_message_of_several_events_only_the_poison_one_is_retried_and_parked(
+    run_services, rpc, monkeypatch, rabbit_config
+):
+    """The outbox publishes a batch's events of one type as one message: the events of it that
+    can be handled are, and only the one that cannot is retried on its own, then parked alone."""
+    from kombu import Producer
+
+    from services.common import events
+    from services.common.topology import event_exchange
+    from services.supervision import projection
+
+    real, seen = projection.record_routing_events, []
+
+    def fails_for_one_case(session, batch, settings):
+        seen.append([event["case_id"] for event in batch])
+        if any(event["case_id"] == "LG-2026-000902" for event in batch):
+            raise ValueError("this event can never be projected")
+        return real(session, batch, settings)
+
+    monkeypatch.setattr(events, "MAX_ATTEMPTS", 2)
+    monkeypatch.setattr(projection, "record_routing_events", fails_for_one_case)
+    run_services("supervision")
+    envelope = [referred_event(f"LG-2026-00090{n}") for n in (1, 2, 3)]
+    with Connection(rabbit_config["AMQP_URI"]) as connection:
+        Producer(connection.channel()).publish(
+            envelope,
+            exchange=event_exchange("routing"),
+            routing_key="case_referred",
+            serializer="json",
+            delivery_mode=2,
+        )
+    wait_for(lambda: referrals_seen_by_supervision(rpc, "LG-2026-000901"), timeout=15)
+    wait_for(lambda: referrals_seen_by_supervision(rpc, "LG-2026-000903"), timeout=15)
+    [parked] = parked_messages(rabbit_config["AMQP_URI"], 1)
+    assert json.loads(parked.body)["event_id"] == envelope[1]["event_id"]  # that event alone
+    assert parked.headers["x-huiying-reason"] == "failed 2 times, last: ValueError: this event can never be projected"
+    assert seen[0] == ["LG-2026-000901", "LG-2026-000902", "LG-2026-000903"]  # one batch first
+    assert referrals_seen_by_supervision(rpc, "LG-2026-000902") == []

@@ -116,6 +116,7 @@ def test_a_failed_send_is_retried_by_the_broker(env):
     receiver, rpc = env
     receiver.fail = 2  # the first two requests (whichever channels) get 503
     case_id = submit(rpc, "N-3")
+
     def all_five_sent():  # one read: two could see different moments (no deliveries yet, then five)
         log = rpc.notify.deliveries_for(case_id)
         return len(log) == 5 and all(d["status"] == "sent" for d in log)

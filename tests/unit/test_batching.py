@@ -1,0 +1,211 @@
+"""The batching entrypoint's bookkeeping (services/common/batching.py) with a fake container: which
+items reach a worker together, and how each message is settled — acknowledged when all its items
+were handled, its failed items retried on their own, a failed batch tried item by item. The
+interface tests run the same code against RabbitMQ; here every branch is driven on purpose."""
+
+import pytest
+
+from services.common.batching import Batching, Coalesced, RunFailed, SomeFailed
+from services.common.outbox import EVENTS_PER_MESSAGE, envelopes
+
+
+class FakeContainer:
+    """Runs a spawned thread when ``run_threads`` is called (the consumer's thread yields), and a
+    worker at once: ``handler(items)`` returns, raises, or raises SomeFailed."""
+
+    def __init__(self, handler):
+        self.handler, self.threads, self.batches = handler, [], []
+
+    def spawn_managed_thread(self, fn, identifier=None):
+        self.threads.append(fn)
+
+    def run_threads(self):
+        while self.threads:
+            self.threads.pop(0)()
+
+    def spawn_worker(self, entrypoint, args, kwargs, context_data=None, handle_result=None):
+        self.batches.append(list(args[0]))
+        try:
+            result, exc_info = self.handler(args[0]), None
+        except Exception as exc:
+            result, exc_info = None, (type(exc), exc, exc.__traceback__)
+        handle_result(None, result, exc_info)
+
+
+class Base:
+    """What the mixin sits on: a nameko Consumer's few attributes."""
+
+    def __init__(self, expected_exceptions=()):
+        self.expected_exceptions = expected_exceptions
+
+    def setup(self):
+        pass
+
+    def unpack_message_headers(self, message):
+        return {}
+
+
+class Entrypoint(Batching, Base):
+    method_name = "handle"
+
+    def __init__(self, handler, max_batch=50, several_per_message=False):
+        super().__init__(max_batch=max_batch)
+        self.container = FakeContainer(handler)
+        self.several = several_per_message
+        self.settled, self.items_failed = [], []
+
+    def items_of(self, body):
+        return body if self.several else [body]
+
+    def handle_message_processed(self, message, result=None, exc_info=None):
+        self.settled.append((message, None if exc_info is None else str(exc_info[1])))
+
+    def handle_items_failed(self, message, failed):
+        self.items_failed.append((message, [(item, str(e[1])) for item, e in failed]))
+
+
+def entrypoint(handler, **options) -> Entrypoint:
+    point = Entrypoint(handler, **options)
+    point.setup()
+    return point
+
+
+def test_everything_received_before_the_consumer_yields_is_one_batch_and_each_message_is_acked():
+    point = entrypoint(lambda items: None)
+    for n in range(5):
+        point.handle_message(n, f"m{n}")
+    point.container.run_threads()
+    assert point.container.batches == [[0, 1, 2, 3, 4]]
+    assert point.settled == [(f"m{n}", None) for n in range(5)]
+
+
+def test_a_batch_is_at_most_max_batch_items():
+    point = entrypoint(lambda items: None, max_batch=2)
+    for n in range(5):
+        point.handle_message(n, f"m{n}")
+    point.container.run_threads()
+    assert point.container.batches == [[0, 1], [2, 3], [4]]
+
+
+def test_a_failed_batch_is_tried_item_by_item_and_only_the_failing_one_is_settled_as_failed():
+    def handler(items):
+        if 2 in items:
+            raise ValueError("poison")
+
+    point = entrypoint(handler)
+    for n in range(4):
+        point.handle_message(n, f"m{n}")
+    point.container.run_threads()
+    assert point.container.batches == [[0, 1, 2, 3], [0], [1], [2], [3]]
+    assert sorted(point.settled) == [("m0", None), ("m1", None), ("m2", "poison"), ("m3", None)]
+
+
+def test_some_failed_settles_the_others_at_once():
+    point = entrypoint(lambda items: (_ for _ in ()).throw(SomeFailed({1: LookupError("not yet")})))
+    for n in range(3):
+        point.handle_message(n, f"m{n}")
+    point.container.run_threads()
+    assert point.container.batches == [[0, 1, 2]]  # nothing tried again in this process
+    assert point.settled == [("m0", None), ("m1", "not yet"), ("m2", None)]
+
+
+def test_a_message_of_several_items_is_settled_once_all_are_and_only_its_failed_items_go_on():
+    def handler(items):
+        if "bad" in items:
+            raise SomeFailed({items.index("bad"): ValueError("cannot")})
+
+    point = entrypoint(handler, several_per_message=True)
+    point.handle_message(["a", "bad", "c"], "envelope")
+    point.handle_message(["d"], "single")
+    point.container.run_threads()
+    assert point.settled == [("single", None)]
+    assert point.items_failed == [("envelope", [("bad", "cannot")])]
+
+
+def test_an_empty_message_is_acked_at_once():
+    point = entrypoint(lambda items: None, several_per_message=True)
+    point.handle_message([], "empty")
+    assert point.settled == [("empty", None)] and point.container.batches == []
+
+
+def test_the_default_for_a_failed_item_of_several_is_to_fail_the_whole_message():
+    class Plain(Batching, Base):
+        method_name = "handle"
+
+        def __init__(self):
+            super().__init__(max_batch=10)
+            self.container = FakeContainer(lambda items: (_ for _ in ()).throw(SomeFailed({0: ValueError("x")})))
+            self.settled = []
+
+        def items_of(self, body):
+            return body
+
+        def handle_message_processed(self, message, result=None, exc_info=None):
+            self.settled.append((message, exc_info and str(exc_info[1])))
+
+    point = Plain()
+    point.setup()
+    point.handle_message(["a", "b"], "m")
+    point.container.run_threads()
+    assert point.settled == [("m", "x")]  # retried whole: its handled item again (handlers are idempotent)
+
+
+def test_envelopes_group_events_by_type_and_a_single_event_stays_a_plain_payload():
+    events = [("a", {"n": 1}), ("b", {"n": 2}), ("a", {"n": 3})]
+    assert envelopes(events) == [("a", [{"n": 1}, {"n": 3}]), ("b", {"n": 2})]
+    many = [("a", {"n": n}) for n in range(EVENTS_PER_MESSAGE + 1)]
+    assert [len(body) if isinstance(body, list) else 1 for _, body in envelopes(many)] == [EVENTS_PER_MESSAGE, 1]
+
+
+def test_coalesced_runs_together_what_is_handed_over_during_a_run_and_gives_each_its_results():
+    import eventlet
+
+    together, runs, results = Coalesced(), [], {}
+
+    def double(items):
+        runs.append(list(items))
+        eventlet.sleep(0.02)
+        return [2 * item for item in items]
+
+    def call(items):
+        results[items[0]] = together(items, double)
+
+    pool = eventlet.GreenPool()
+    pool.spawn(call, [1])
+    eventlet.sleep(0.005)  # the first run is going on
+    pool.spawn(call, [2, 3])
+    pool.spawn(call, [4])
+    pool.waitall()
+    assert runs == [[1], [2, 3, 4]]
+    assert results == {1: [2], 2: [4, 6], 4: [8]}
+
+
+def test_coalesced_callers_of_a_failed_run_all_raise():
+    import eventlet
+
+    together, outcomes = Coalesced(), []
+
+    def fails(items):
+        eventlet.sleep(0.01)
+        if 9 in items:
+            raise ValueError("no")
+
+    def call(item):
+        try:
+            together([item], fails)
+            outcomes.append((item, "ok"))
+        except RunFailed as exc:
+            outcomes.append((item, str(exc)))
+
+    pool = eventlet.GreenPool()
+    pool.spawn(call, 1)
+    eventlet.sleep(0.002)
+    pool.spawn(call, 9)
+    pool.spawn(call, 2)
+    pool.waitall()
+    assert sorted(outcomes) == [(1, "ok"), (2, "ValueError: no"), (9, "ValueError: no")]
+
+
+def test_max_batch_must_be_positive():
+    with pytest.raises(ValueError):
+        Entrypoint(lambda items: None, max_batch=0)
