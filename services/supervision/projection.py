@@ -119,49 +119,53 @@ def record_cases_received(session, events: list[dict], settings: dict) -> list[s
     fresh = list({e["case_id"]: e for e in by_event.values() if e["event_id"] in fresh_ids}.values())
     if not fresh:
         return []
-    insert_many_ignoring_duplicates(
-        session,
-        case_projection,
-        [_new_case_row(e, datetime.fromisoformat(e["received_at"])) for e in fresh],
-        case_projection.c.case_id,
-    )
+    # A new case is written once, whole; only a case that one of routing's events started (it
+    # overtook this one) is updated, keeping what that event set and this one lacks.
+    rows = [
+        _new_case_row(e, datetime.fromisoformat(e["received_at"]))
+        | dict(source=e["source"], title=e["title"], description=e.get("description"))
+        | dict(residents_affected=e.get("residents_affected"))
+        for e in fresh
+    ]
+    started = set(insert_many_ignoring_duplicates(session, case_projection, rows, case_projection.c.case_id))
     c = case_projection.c
-    # One UPDATE sent with every case's values; what a routing event that overtook this one
-    # already set (kind, category, street) stays when intake's event lacks it.
-    session.execute(
-        update(case_projection)
-        .where(c.case_id == bindparam("b_case_id"))
-        .values(
-            source=bindparam("b_source"),
-            title=bindparam("b_title"),
-            description=bindparam("b_description"),
-            received_at=bindparam("b_received_at", type_=c.received_at.type),
-            residents_affected=bindparam("b_residents_affected"),
-            kind=func.coalesce(bindparam("b_kind", type_=c.kind.type), c.kind),
-            category=func.coalesce(bindparam("b_category", type_=c.category.type), c.category),
-            street=func.coalesce(bindparam("b_street", type_=c.street.type), c.street),
-            changed_at=bindparam("b_changed_at", type_=c.changed_at.type),
-        ),
-        [
-            {
-                "b_case_id": e["case_id"],
-                "b_source": e["source"],
-                "b_title": e["title"],
-                "b_description": e.get("description"),
-                "b_received_at": datetime.fromisoformat(e["received_at"]),
-                "b_residents_affected": e.get("residents_affected"),
-                "b_kind": e.get("kind"),
-                "b_category": e.get("category"),
-                "b_street": e.get("street"),
-                "b_changed_at": now(),
-            }
-            for e in fresh
-        ],
-    )
-    ids = [e["case_id"] for e in fresh]
-    stored = session.execute(select(*CLUSTERING).where(c.case_id.in_(ids))).all()  # as stored
-    place_in_clusters(session, stored, settings)
-    return ids
+    overtaken = [e for e in fresh if e["case_id"] not in started]
+    if overtaken:
+        session.execute(
+            update(case_projection)
+            .where(c.case_id == bindparam("b_case_id"))
+            .values(
+                source=bindparam("b_source"),
+                title=bindparam("b_title"),
+                description=bindparam("b_description"),
+                received_at=bindparam("b_received_at", type_=c.received_at.type),
+                residents_affected=bindparam("b_residents_affected"),
+                kind=func.coalesce(bindparam("b_kind", type_=c.kind.type), c.kind),
+                category=func.coalesce(bindparam("b_category", type_=c.category.type), c.category),
+                street=func.coalesce(bindparam("b_street", type_=c.street.type), c.street),
+                changed_at=bindparam("b_changed_at", type_=c.changed_at.type),
+            ),
+            [
+                {
+                    "b_case_id": e["case_id"],
+                    "b_source": e["source"],
+                    "b_title": e["title"],
+                    "b_description": e.get("description"),
+                    "b_received_at": datetime.fromisoformat(e["received_at"]),
+                    "b_residents_affected": e.get("residents_affected"),
+                    "b_kind": e.get("kind"),
+                    "b_category": e.get("category"),
+                    "b_street": e.get("street"),
+                    "b_changed_at": now(),
+                }
+                for e in overtaken
+            ],
+        )
+    as_stored = [SimpleNamespace(**row) for row in rows if row["case_id"] in started]
+    if overtaken:
+        as_stored += session.execute(select(*CLUSTERING).where(c.case_id.in_([e["case_id"] for e in overtaken]))).all()
+    place_in_clusters(session, as_stored, settings)
+    return [e["case_id"] for e in fresh]
 
 
 CLUSTERING = (
@@ -171,6 +175,7 @@ CLUSTERING = (
     case_projection.c.received_at,
     case_projection.c.title,
     case_projection.c.description,
+    case_projection.c.cluster_key,
 )
 
 
@@ -274,10 +279,13 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
                 settings,
                 keys,
             )
-    if keys:
+    # A case is stored with its own key (a cluster of one): only the keys that differ are written.
+    stored_as = {case.case_id: getattr(case, "cluster_key", None) for case in cases}
+    changed = [{"b_case_id": case_id, "b_key": key} for case_id, key in keys.items() if stored_as.get(case_id) != key]
+    if changed:
         session.execute(
             update(case_projection).where(c.case_id == bindparam("b_case_id")).values(cluster_key=bindparam("b_key")),
-            [{"b_case_id": case_id, "b_key": key} for case_id, key in keys.items()],
+            changed,
         )
     return keys
 
