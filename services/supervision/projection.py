@@ -401,7 +401,8 @@ def record_routing_events(session, events: list[dict], settings: dict) -> list[s
     returns, say) never both count from the same value, and rows are locked in one order, so two
     batches cannot deadlock."""
     c = case_projection.c
-    ordered = sorted(events, key=lambda e: (e["case_id"], e["occurred_at"]))
+    unique = {event["event_id"]: event for event in events}  # an event delivered twice in one batch counts once
+    ordered = sorted(unique.values(), key=lambda e: (e["case_id"], e["occurred_at"]))
     recorded = set(
         insert_many_ignoring_duplicates(
             session, timeline, [_timeline_row(e["event_type"], e, _at(e)) for e in ordered], timeline.c.event_id

@@ -366,3 +366,24 @@ def test_a_shard_is_swept_whole_on_a_new_working_day_or_with_new_rules_and_incre
     assert claim.changed_since(date(2026, 10, 3), "v1", calendar) == started - sweeping.OVERLAP
     never = sweeping.Claim("pinghu", "traffic", None, None, None)
     assert never.changed_since(date(2026, 9, 30), "v1", calendar) is None
+
+
+def test_an_event_twice_in_one_batch_counts_once(world, db):
+    """At-least-once delivery may hand a batch the same event twice (a redelivered copy beside the
+    original): it is projected once."""
+    world.case("LG-2026-000700")
+    returned = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "referral_returned",
+        "occurred_at": at("2026-09-30T10:00:00").isoformat(),
+        "case_id": "LG-2026-000700",
+        "referral_id": "LG-2026-000700-R1",
+        "department": "cgj",
+        "reason": "不属于本单位职责",
+    }
+    settings = with_calendar(supervision_rules.load)(RULES_DIR).rules.settings
+    with sessionmaker(db).begin() as session:
+        assert projection.record_routing_events(session, [returned, dict(returned)], settings) == ["LG-2026-000700"]
+    with sessionmaker(db)() as session:
+        returns = session.scalar(select(case_projection.c.returns).where(case_projection.c.case_id == "LG-2026-000700"))
+    assert returns == 1
