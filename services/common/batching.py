@@ -20,6 +20,7 @@ import logging
 import threading
 from functools import partial
 
+import eventlet
 from nameko.exceptions import ContainerBeingKilled
 
 log = logging.getLogger(__name__)
@@ -233,3 +234,32 @@ class _Handed:
 
     def __init__(self, items: list):
         self.items, self.finished, self.error, self.results = items, False, None, None
+
+
+class InBackground:
+    """Runs ``function(items)`` for the items workers hand it, in a greenthread of its own: the
+    workers do not wait for it. Items handed over while a run goes on are run together next.
+    What a failed run held is logged and dropped: for work that something else catches up on
+    (supervision's evaluation after events, which the periodic sweep repeats)."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self._items: list = []
+        self._running = False
+
+    def __call__(self, items, function) -> None:
+        self._items.extend(items)
+        if not self._running:
+            self._running = True
+            eventlet.spawn_n(self._run, function)
+
+    def _run(self, function):
+        try:
+            while self._items:
+                items, self._items = self._items, []
+                try:
+                    function(items)
+                except Exception:
+                    log.exception("%s of %s item(s) failed; left to catch up on", self.what, len(items))
+        finally:
+            self._running = False

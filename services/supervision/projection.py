@@ -420,7 +420,8 @@ def record_routing_events(session, events: list[dict], settings: dict) -> list[s
     }
     overtaking = {e["case_id"]: e for e in reversed(fresh) if e["case_id"] not in cases}
     if overtaking:  # these events overtook intake's case_received: the case starts from them
-        started = [_new_case_row(e, _at(e)) for e in overtaking.values()]
+        # in case order, as every writer of these rows takes them (no deadlock with intake's event)
+        started = [_new_case_row(overtaking[case_id], _at(overtaking[case_id])) for case_id in sorted(overtaking)]
         insert_many_ignoring_duplicates(session, case_projection, started, c.case_id)
         register_shards(session, [(row["street"], row["category"]) for row in started])
         cases.update(

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from services.common.auth import KeyCache, actor_for, require_staff
 from services.common.base import ServiceBase
-from services.common.batching import Coalesced
+from services.common.batching import InBackground
 from services.common.db import snapshot
 from services.common.events import event_batch_handler
 from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed, http, json_body, json_response
@@ -154,11 +154,15 @@ class SupervisionService(ServiceBase):
         self._evaluate_after_events(fresh)
 
     def _evaluate_after_events(self, case_ids: list):
-        """Evaluate the cases events just changed. The batches handled at once in this process
-        are evaluated together, one evaluation at a time (batching.Coalesced): their clusters
-        once, and no two evaluations racing for the same decisions."""
+        """Evaluate the cases events just changed, right after their projection is committed, in
+        the background (batching.InBackground): the handler goes on to the next events instead
+        of waiting, and the cases of batches handled meanwhile are evaluated together — their
+        clusters once, one evaluation at a time. Should the process die first, the next periodic
+        sweep evaluates them: it takes every cluster changed since its previous pass."""
         if case_ids:
-            self.state.setdefault("evaluations", Coalesced())(case_ids, self._evaluate_cases)
+            self.state.setdefault("evaluations", InBackground("evaluation after events"))(
+                case_ids, self._evaluate_cases
+            )
 
     def _evaluate_cases(self, case_ids: list) -> None:
         self._evaluate_and_apply(now(), sorted(set(case_ids)))
