@@ -238,12 +238,13 @@ class _Handed:
 
 class InBackground:
     """Runs ``function(items)`` for the items workers hand it, in a greenthread of its own: the
-    workers do not wait for it. Items handed over while a run goes on are run together next.
-    What a failed run held is logged and dropped: for work that something else catches up on
-    (supervision's evaluation after events, which the periodic sweep repeats)."""
+    workers do not wait for it. A run starts ``gather_seconds`` after the first item arrives, with
+    every item handed over by then; items handed over during a run go in the next. What a failed
+    run held is logged and dropped: for work that something else catches up on (supervision's
+    evaluation after events, which the periodic sweep repeats)."""
 
-    def __init__(self, what: str):
-        self.what = what
+    def __init__(self, what: str, gather_seconds: float = 0.0):
+        self.what, self.gather_seconds = what, gather_seconds
         self._items: list = []
         self._running = False
 
@@ -256,6 +257,7 @@ class InBackground:
     def _run(self, function):
         try:
             while self._items:
+                eventlet.sleep(self.gather_seconds)
                 items, self._items = self._items, []
                 try:
                     function(items)

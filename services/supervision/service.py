@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 EXPECTED = (NotFound, Forbidden, Conflict, ValidationFailed)
 APPLY_BATCH = 500
 SWEEPERS = 2  # shards swept at once by one replica
+EVALUATION_GATHER_SECONDS = 0.5
 load_supervision = with_calendar(supervision_rules.load)
 
 
@@ -154,15 +155,18 @@ class SupervisionService(ServiceBase):
         self._evaluate_after_events(fresh)
 
     def _evaluate_after_events(self, case_ids: list):
-        """Evaluate the cases events just changed, right after their projection is committed, in
-        the background (batching.InBackground): the handler goes on to the next events instead
-        of waiting, and the cases of batches handled meanwhile are evaluated together — their
-        clusters once, one evaluation at a time. Should the process die first, the next periodic
-        sweep evaluates them: it takes every cluster changed since its previous pass."""
+        """Evaluate the cases events just changed, in the background (batching.InBackground),
+        within ``EVALUATION_GATHER_SECONDS`` of their projection's commit: the handler goes on to
+        the next events instead of waiting, and the cases of every batch handled meanwhile are
+        evaluated together — their clusters once, one evaluation at a time. (Escalations are
+        about working days; evaluating each event on its own cost most of supervision's time at
+        a few cases a second.) Should the process die first, the next periodic sweep evaluates
+        them: it takes every cluster changed since its previous pass."""
         if case_ids:
-            self.state.setdefault("evaluations", InBackground("evaluation after events"))(
-                case_ids, self._evaluate_cases
+            evaluations = self.state.setdefault(
+                "evaluations", InBackground("evaluation after events", EVALUATION_GATHER_SECONDS)
             )
+            evaluations(case_ids, self._evaluate_cases)
 
     def _evaluate_cases(self, case_ids: list) -> None:
         self._evaluate_and_apply(now(), sorted(set(case_ids)))
