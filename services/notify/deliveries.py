@@ -12,7 +12,8 @@ from services.notify.planning import Delivery, masked_address, recipient_name
 
 
 def case_row(event: dict) -> dict:
-    """What notify keeps of a case, from intake's view of it (or its ``case_received`` event)."""
+    """What notify keeps of a case, from routing's first event about it, intake's view of it or its
+    ``case_received`` event."""
     return dict(
         case_id=event["case_id"],
         source=event["source"],

@@ -61,7 +61,7 @@ class NotifyService(ServiceBase):
         """Record what these events owe to whom (each once), then enqueue it. No RPC inside a
         transaction. An event whose case notify has not stored yet waits for it (retried)."""
         settings = self.rules.get()
-        cases = self._cases({event["case_id"] for event in events})
+        cases = self._cases(events)
         owed, errors = [], {}
         for position, event in enumerate(events):
             case = cases.get(event["case_id"])
@@ -100,23 +100,30 @@ class NotifyService(ServiceBase):
     def _recent_cases(self) -> deliveries.RecentCases:
         return self.state.setdefault("recent_cases", deliveries.RecentCases())
 
-    def _cases(self, case_ids: set) -> dict[str, dict]:
+    def _cases(self, events: list[dict]) -> dict[str, dict]:
         """The cases the events are about: from memory, else from notify's table in one query,
-        else from intake, in one call for them all, and kept in that table. (Notify learns of a
-        case when one of its events first needs it: hearing of every ``case_received`` cost a
+        else from the event itself — routing's first event about a case (referred, or on the
+        triage list) carries what notify needs — else from intake, in one call for them all;
+        what was not in the table is kept there. (Hearing of every ``case_received`` cost a
         message per case, and routing's event often overtook it in a burst.)"""
         recent = self._recent_cases()
-        found = {case_id: recent.get(case_id) for case_id in case_ids}
+        found = {event["case_id"]: recent.get(event["case_id"]) for event in events}
         missing = [case_id for case_id, case in found.items() if case is None]
         if missing:
             with self.db() as session:
                 found.update(deliveries.cases_of(session, missing))
-            missing = [case_id for case_id in missing if found[case_id] is None]
-        if missing:
-            known = [{**view, "case_id": view["id"]} for view in self.intake.get_cases(missing)]
+        carried = {
+            event["case_id"]: deliveries.case_row(event)
+            for event in events
+            if found[event["case_id"]] is None and event.get("external_id") and event.get("title") is not None
+        }
+        missing = [case_id for case_id, case in found.items() if case is None and case_id not in carried]
+        asked = [{**view, "case_id": view["id"]} for view in self.intake.get_cases(missing)] if missing else []
+        new = list(carried.values()) + [deliveries.case_row(case) for case in asked]
+        if new:
             with self.db.begin() as session:
-                deliveries.record_cases(session, known)
-            found.update((case["case_id"], deliveries.case_row(case)) for case in known)
+                deliveries.record_cases(session, new)
+        found.update((case["case_id"], case) for case in new)
         for case in found.values():
             if case is not None:
                 recent.put(case)

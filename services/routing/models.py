@@ -13,6 +13,7 @@ routing_cases = Table(
     metadata,
     Column("case_id", String(32), primary_key=True),
     Column("source", String(64), nullable=False),
+    Column("external_id", String(128)),  # the source system's own id (carried to notify)
     Column("channel", String(16)),
     Column("title", String(200)),
     Column("description", Text),

@@ -259,6 +259,7 @@ def _case_row(event: dict, now: datetime) -> dict:
     return dict(
         case_id=event["case_id"],
         source=event["source"],
+        external_id=event.get("external_id"),
         channel=event.get("channel"),
         title=event.get("title"),
         description=event.get("description"),
@@ -349,7 +350,7 @@ def route(session, ctx: Context, case_id: str, case: dict | None = None, writes:
                     "reason": reason,
                     "category": decision.category,
                     "street": case["street"],
-                    "source": case["source"],
+                    **_addressing(case),
                     "rule_ids": decision.rule_ids,
                     "ruleset_version": decision.ruleset_version,
                 },
@@ -372,6 +373,12 @@ def route(session, ctx: Context, case_id: str, case: dict | None = None, writes:
         existing,
         writes,
     )
+
+
+def _addressing(case: dict) -> dict:
+    """What a case's referral or triage event carries for notify to address its notifications
+    (and answer the source system) without asking intake."""
+    return {key: case.get(key) for key in ("source", "external_id", "title", "workstation")}
 
 
 def route_from_triage(session, ctx: Context, actor: dict, case_id: str, departments: list, lead: str | None) -> dict:
@@ -480,10 +487,10 @@ def _refer(
             "case_referred",
             {
                 "case_id": case_id,
-                "source": case["source"],
                 "category": case["category"],
                 "kind": case["kind"],
                 "street": case["street"],
+                **_addressing(case),
                 "urgency": case["urgency"],
                 "round": round_number,
                 "referrals": created,
