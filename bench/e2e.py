@@ -38,7 +38,7 @@ import requests
 from kombu import Connection, Producer
 
 from bench.raw_broker import measure as raw_broker
-from bench.smtp_sink import SmtpSink
+from huiying.mail_sink import SmtpSink
 from tests.conftest import DEMO_DIRECTORY, Receiver
 from tests.faults.harness import MANAGEMENT, SERVICES, TICKETS, Resources, Stack, case_payload
 

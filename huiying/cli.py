@@ -82,6 +82,10 @@ def migrate(services):
 @click.option("--timeout", default=90, show_default=True, help="Seconds to wait for all to be healthy.")
 def up(timeout):
     """Migrate, declare queues, start the four services in the background, wait until healthy."""
+    _start_stack(timeout)
+
+
+def _start_stack(timeout: float) -> None:
     from services.common.migrations import upgrade
     from services.common.topology import TopologyMismatch, declare_all
 
@@ -101,6 +105,84 @@ def up(timeout):
     except (stack.StackError, settings.ConfigurationError, TopologyMismatch) as exc:
         raise CliError(str(exc)) from None
     click.echo("all four services are healthy", err=True)
+
+
+@main.command()
+@click.option("--stop", is_flag=True, help="Stop the demo's services (and nothing else).")
+@click.option("--timeout", default=120, show_default=True, help="Seconds to wait for the services.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON document.")
+def demo(stop, timeout, as_json):
+    """Replay the Longgang demo scenario (58 海吉星 suggestions, 12345 tickets, returns, extensions,
+    replies, ratings, reminders, agenda, special inspection) on a stack of its own in var/demo,
+    with a movable clock; the services stay up afterwards for the board."""
+    import contextlib
+    import os
+    import shutil
+    import signal
+
+    from huiying import demo as scenario
+    from services.common.timeutil import CLOCK_FILE_VARIABLE, set_clock
+
+    if os.environ.get("HUIYING_VAR_DIR", "").rstrip("/").endswith("demo"):
+        demo_dir = settings.var_dir()
+    else:
+        if not stop and any(stack.running_pid(service) for service in settings.SERVICES):
+            raise CliError(
+                "the services started by 'huiying up' are running; stop them with 'huiying down' first "
+                "(the demo runs its own, with its own database and a clock it moves)"
+            )
+        demo_dir = settings.var_dir() / "demo"
+    os.environ["HUIYING_VAR_DIR"] = str(demo_dir)
+    os.environ[CLOCK_FILE_VARIABLE] = str(demo_dir / "clock")
+    os.environ.pop("DATABASE_URL", None)  # the demo's own SQLite database in var/demo
+    for service in reversed(settings.SERVICES):
+        stack.stop(service)
+    mail_pid = demo_dir / "run" / "mail-sink.pid"
+    if mail_pid.exists():  # the demo's mail server, if it started one
+        with contextlib.suppress(ValueError, OSError):
+            os.kill(int(mail_pid.read_text()), signal.SIGTERM)
+    if stop:
+        click.echo("the demo's services are stopped", err=True)
+        return
+    shutil.rmtree(demo_dir, ignore_errors=True)
+    demo_dir.mkdir(parents=True)
+    set_clock(demo_dir / "clock", scenario.START)
+    if "HUIYING_SMTP_HOST" not in os.environ:  # somewhere for e-mails and SMS to go (kept by nobody)
+        from huiying.mail_sink import SmtpSink
+
+        sink = SmtpSink(detached=True, sms_gateway="HUIYING_SMS_GATEWAY_URL" not in os.environ)
+        (demo_dir / "run").mkdir(parents=True, exist_ok=True)
+        mail_pid.write_text(str(sink.process.pid))
+        os.environ.update(HUIYING_SMTP_HOST="127.0.0.1", HUIYING_SMTP_PORT=str(sink.port))
+        os.environ.setdefault("HUIYING_SMS_GATEWAY_URL", f"http://127.0.0.1:{sink.port + 1}/sms")
+    _start_stack(timeout)
+
+    from services.common.topology import all_service_classes, event_handler_queues
+    from services.notify.queue import QUEUE as DELIVERIES
+
+    queues = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)] + [DELIVERIES.name]
+    with rpc_proxy() as proxy:
+        replay = scenario.Demo(
+            proxy,
+            demo_dir / "clock",
+            say=lambda line: click.echo(line, err=True),
+            settle=lambda: scenario.wait_until_settled(settings.amqp_uri(), queues),
+        )
+        summary = replay.run()
+
+    def human(doc):
+        click.echo(f"\ndemo time now {doc['demo_time']}: {doc['cases']} cases, {doc['referrals']} referrals")
+        click.echo("  departments: " + ", ".join(f"{k} {v}" for k, v in doc["steps"].items()))
+        click.echo("  ratings: " + ", ".join(f"{k} {v}" for k, v in doc["ratings"].items()))
+        click.echo("  escalations (per case): " + ", ".join(f"{k} {v}" for k, v in doc["decisions"].items()))
+        click.echo(
+            f"  reminder digests: {doc['digests']}; agenda: " + ", ".join(f"{k} {v}" for k, v in doc["agenda"].items())
+        )
+        click.echo("  notifications: " + ", ".join(f"{k} {v}" for k, v in doc["notifications"].items()))
+        click.echo(f"\nthe board: {doc['board']}  (log in with the staff key {doc['staff_key']})")
+        click.echo("stop the demo with: huiying demo --stop")
+
+    emit(as_json, summary, human)
 
 
 @main.command()

@@ -4,9 +4,13 @@ database (PostgreSQL by default: HUIYING_TEST_DATABASE_URL), the services run in
 eventlet must patch the standard library before anything else is imported.
 """
 
+import os
 import warnings
 
 warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+# trio (which selenium brings for the board's browser test) registers a hypothesis plugin that
+# imports trio, and trio cannot be imported once eventlet has patched the socket module.
+os.environ.setdefault("HYPOTHESIS_NO_PLUGINS", "1")
 
 import eventlet  # noqa: E402
 
@@ -18,7 +22,6 @@ patch_psycopg()
 
 import json  # noqa: E402
 import mailbox  # noqa: E402
-import os  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402

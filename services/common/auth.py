@@ -32,6 +32,11 @@ def actor_for(request, cache: KeyCache, authenticate) -> dict:
     key = request_key(request)
     if not key:
         raise Unauthorized("an API key is required: Authorization: Bearer KEY")
+    return actor_for_key(key, cache, authenticate)
+
+
+def actor_for_key(key: str, cache: KeyCache, authenticate) -> dict:
+    """``{"role", "subject"}`` of an API key however it came (a header, the board's cookie)."""
     actor = cache.get(key)
     if actor is None:
         actor = authenticate(key)

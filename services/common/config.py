@@ -82,6 +82,8 @@ def nameko_config(service: str) -> dict:
         "SMTP_FROM": os.environ.get("HUIYING_SMTP_FROM", "huiying@localhost"),
         "SMS_GATEWAY_URL": os.environ.get("HUIYING_SMS_GATEWAY_URL", ""),
         "WEBHOOK_SECRET": os.environ.get("HUIYING_WEBHOOK_SECRET", "huiying-dev-secret"),
+        # signs the board's login cookie (supervision); set it in any deployment others can reach
+        "BOARD_SECRET": os.environ.get("HUIYING_BOARD_SECRET", "huiying-dev-board-secret"),
         # Enough concurrent workers for bursts, few enough that a 2-core box is not swamped.
         "max_workers": int(os.environ.get("HUIYING_MAX_WORKERS", "10")),
         "HEARTBEAT": 60,

@@ -52,9 +52,11 @@ case_projection = Table(
     # among the case's open referrals, and whether an agenda item links it.
     Column("nearest_due", UTCDateTime),
     Column("on_agenda", Boolean, nullable=False, server_default=false()),
+    Column("closed_at", UTCDateTime),  # set by case_closed, cleared by case_reopened (the board's weekly counts)
     Index("ix_supervision_cases_shard", "street", "category"),  # a sweep shard's cases
     Index("ix_supervision_cases_cluster", "cluster_key"),
     Index("ix_supervision_cases_changed", "changed_at"),
+    Index("ix_supervision_cases_received", "received_at"),
 )
 
 referral_projection = Table(
@@ -71,7 +73,13 @@ referral_projection = Table(
     Column("referred_at", UTCDateTime, nullable=False),
     Column("due_at", UTCDateTime, nullable=False),
     Column("updated_at", UTCDateTime, nullable=False),
+    # The milestones the board's per-department rates are counted from (reports.py).
+    Column("accepted_at", UTCDateTime),
+    Column("returned_at", UTCDateTime),
+    Column("replied_at", UTCDateTime),
+    Column("replied_on_time", Boolean),  # replied by the due date then in force (routing says)
     Index("ix_supervision_referrals_case", "case_id"),
+    Index("ix_supervision_referrals_referred", "referred_at"),
 )
 
 # The whole-process record: one row per event about a case, each event recorded once.

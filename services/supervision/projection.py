@@ -46,6 +46,7 @@ CASE_STATUS = {
 }
 OPEN_REFERRAL = ("referred", "accepted")  # a deadline that still runs
 REFERRAL_STATUS = {"referral_accepted": "accepted", "referral_returned": "returned", "referral_replied": "replied"}
+MILESTONE = {"referral_accepted": "accepted_at", "referral_returned": "returned_at", "referral_replied": "replied_at"}
 EXTENSION = {"extension_requested": "requested", "extension_granted": "granted", "extension_refused": "refused"}
 DETAIL_KEYS = (
     "department",
@@ -525,6 +526,14 @@ def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict],
         referral_values["extension"] = EXTENSION[event_type]
     if event_type == "extension_granted":
         referral_values["due_at"] = datetime.fromisoformat(event["due_at"])
+    if event_type in MILESTONE:
+        referral_values[MILESTONE[event_type]] = at
+    if event_type == "referral_replied":
+        referral_values["replied_on_time"] = bool(event.get("on_time"))
+    if event_type == "case_closed":
+        values["closed_at"] = at
+    elif event_type == "case_reopened":
+        values["closed_at"] = None
     return values, referrals, referral_values
 
 

@@ -9,6 +9,7 @@ the rules through the CLI.
 import logging
 import tempfile
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -17,19 +18,29 @@ from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 from sqlalchemy import select
 
-from services.common.auth import KeyCache, actor_for, require_staff
+from services.common.auth import KeyCache, actor_for, actor_for_key, require_staff
 from services.common.base import ServiceBase
 from services.common.batching import InBackground
 from services.common.db import snapshot
 from services.common.events import event_batch_handler
-from services.common.http import Conflict, Forbidden, NotFound, ValidationFailed, http, json_body, json_response
+from services.common.http import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    Unauthorized,
+    ValidationFailed,
+    download_response,
+    http,
+    json_body,
+    json_response,
+)
 from services.common.outbox import OutboxRelay
 from services.common.rules.provider import Rules, with_calendar
 from services.common.rules.ruleset import RulesetInvalid
 from services.common.timeutil import iso, now
 from services.common.upsert import insert_ignoring_duplicates
 from services.common.workdays import cst_date
-from services.supervision import escalation, evaluation, projection, sweeping
+from services.supervision import board, escalation, evaluation, projection, reports, sweeping
 from services.supervision import rules as supervision_rules
 from services.supervision.models import outbox, rule_versions
 
@@ -360,6 +371,141 @@ class SupervisionService(ServiceBase):
         self._staff(request, "reloading the rules")
         result = self.reload_rules()
         return json_response(422 if result["problems"] else 200, result)
+
+    # --- figures: the JSON API and the XLSX form (staff keys) -----------------------------------
+
+    def _period(self, request):
+        return reports.period_from(request.args.get("from"), request.args.get("to"), now())
+
+    @http("GET", "/api/v1/board/overview")
+    def http_overview(self, request):
+        """The board's first page as JSON: counts, overdue referrals by department, weekly open
+        and overdue, cases by street and category (``?from=&to=`` days, default the last 90 days)."""
+        self._staff(request, "the board")
+        period = self._period(request)
+        with snapshot(self.db) as session:
+            return json_response(200, reports.overview(session, now(), period))
+
+    @http("GET", "/api/v1/reports/departments")
+    def http_department_rates(self, request):
+        self._staff(request, "the department report")
+        period = self._period(request)
+        with snapshot(self.db) as session:
+            rates = reports.department_rates(session, period)
+        return json_response(200, {"period": period.as_dict(), "departments": rates})
+
+    @http("GET", "/api/v1/reports/departments.xlsx")
+    def http_department_rates_xlsx(self, request):
+        self._staff(request, "the department report")
+        return self._rates_download(self._period(request))
+
+    def _rates_download(self, period):
+        with snapshot(self.db) as session:
+            rates = reports.department_rates(session, period)
+        return download_response(
+            reports.rates_workbook(rates, period),
+            "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            f"huiying-departments-{period.start}-{period.end}.xlsx",
+        )
+
+    # --- the board (HTML, read-only, staff login) ----------------------------------------------
+
+    def _board_staff(self, request) -> dict:
+        """The staff member behind the board session; 401 (to the login form) without one."""
+        key = board.key_from_cookie(self.config["BOARD_SECRET"], request)
+        if not key:
+            raise Unauthorized("please log in")
+        actor = actor_for_key(key, self.state.setdefault("keys", KeyCache()), self.intake.authenticate)
+        require_staff(actor, "the board")
+        return actor
+
+    def _page(self, request, template, **context):
+        return board.render(request, template, signed_in=True, names=self._names(), **context)
+
+    def _names(self) -> dict:
+        """The directory's names of streets, categories and departments, by code (asked of intake,
+        which owns the directory, at most once a minute)."""
+        cached = self.state.get("names")
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        directory = self.intake.get_directory() or {}
+        names = {
+            kind: {entry["code"]: entry["name"] for entry in directory.get(key) or []}
+            for kind, key in (("street", "streets"), ("category", "categories"), ("department", "departments"))
+        }
+        self.state["names"] = (time.monotonic() + 60, names)
+        return names
+
+    @http("GET", "/board/static/board.css", error_renderer=board.html_error)
+    def board_css(self, request):
+        from werkzeug.wrappers import Response
+
+        css = (board.HERE / "static" / "board.css").read_text(encoding="utf-8")
+        return Response(css, mimetype="text/css", headers={"Cache-Control": "max-age=300"})
+
+    @http("GET", "/board/login", error_renderer=board.html_error)
+    def board_login_form(self, request):
+        return board.render(request, "login.html", signed_in=False, next=board.safe_next(request.args.get("next")))
+
+    @http("POST", "/board/login", error_renderer=board.html_error)
+    def board_login(self, request):
+        key = (request.form.get("key") or "").strip()
+        target = board.safe_next(request.form.get("next"))
+        actor = self.intake.authenticate(key) if key else None
+        if actor is None or actor["role"] != "staff":
+            problem = "不是有效的工作人员密钥 / not a valid staff key"
+            return board.render(request, "login.html", status=401, signed_in=False, next=target, problem=problem)
+        secure = request.scheme == "https" or request.headers.get("X-Forwarded-Proto") == "https"
+        return board.logged_in(board.redirect(target), self.config["BOARD_SECRET"], key, secure)
+
+    @http("POST", "/board/logout", error_renderer=board.html_error)
+    def board_logout(self, request):
+        return board.logged_out(board.redirect("/board/login"))
+
+    @http("GET", "/board/", error_renderer=board.html_error)
+    def board_overview(self, request):
+        self._board_staff(request)
+        period = self._period(request)
+        with snapshot(self.db) as session:
+            data = reports.overview(session, now(), period)
+        return self._page(
+            request,
+            "overview.html",
+            data=data,
+            period=data["period"],
+            weekly=board.grouped_bars(data["weeks"], "week", ["open", "overdue"]),
+            by_street=board.horizontal_bars(data["by_street"], self._names()["street"]),
+            by_category=board.horizontal_bars(data["by_category"], self._names()["category"]),
+        )
+
+    @http("GET", "/board", error_renderer=board.html_error)
+    def board_root(self, request):
+        return board.redirect("/board/")
+
+    @http("GET", "/board/agenda", error_renderer=board.html_error)
+    def board_agenda(self, request):
+        self._board_staff(request)
+        with snapshot(self.db) as session:
+            items = [escalation.show_item(session, item["id"]) for item in escalation.list_items(session)]
+        return self._page(request, "agenda.html", items=items)
+
+    @http("GET", "/board/departments", error_renderer=board.html_error)
+    def board_departments(self, request):
+        self._board_staff(request)
+        period = self._period(request)
+        with snapshot(self.db) as session:
+            rates = reports.department_rates(session, period)
+        return self._page(request, "departments.html", rates=rates, period=period.as_dict())
+
+    @http("GET", "/board/departments.xlsx", error_renderer=board.html_error)
+    def board_departments_xlsx(self, request):
+        self._board_staff(request)
+        return self._rates_download(self._period(request))
+
+    @http("GET", "/board/cases/<case_id>", error_renderer=board.html_error)
+    def board_case(self, request, case_id):
+        self._board_staff(request)
+        return self._page(request, "case.html", record=self.get_case_record(case_id))
 
 
 def _changes(previous: dict | None, current: dict) -> dict:

@@ -1,0 +1,112 @@
+"""An SMTP server that accepts every message and keeps none: the district's mail server in the
+benchmarks and in ``huiying demo``. It speaks just enough SMTP for smtplib (greeting, EHLO/HELO,
+MAIL, RCPT, DATA with dot-stuffing, RSET, NOOP, QUIT) and counts what it accepted. aiosmtpd, which the tests use, parses
+every message and took a tenth of the machine in a burst; a real mail server is another machine.
+
+    .venv/bin/python -m huiying.mail_sink PORT [--sms]
+
+With ``--sms`` it also answers HTTP on PORT + 1 as an SMS gateway that accepts every message.
+"""
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+REPLIES = {
+    b"EHLO": b"250-sink\r\n250 8BITMIME\r\n",
+    b"HELO": b"250 sink\r\n",
+    b"MAIL": b"250 ok\r\n",
+    b"RCPT": b"250 ok\r\n",
+    b"RSET": b"250 ok\r\n",
+    b"NOOP": b"250 ok\r\n",
+}
+accepted = 0
+
+
+async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    global accepted
+    writer.write(b"220 sink ESMTP\r\n")
+    try:
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await reader.readuntil(b"\r\n.\r\n")
+                accepted += 1
+                writer.write(b"250 accepted\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(REPLIES.get(verb, b"502 not implemented\r\n"))
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        writer.close()
+
+
+async def sms_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    """An SMS gateway that answers every POST with 200 (the demo's; on the SMTP port + 1)."""
+    try:
+        while request_line := await reader.readline():
+            length = 0
+            while (header := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = header.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value.strip())
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+            if not request_line.startswith(b"POST"):
+                break
+    except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        pass
+    finally:
+        writer.close()
+
+
+async def main(port: int, with_sms_gateway: bool = False):
+    server = await asyncio.start_server(session, "127.0.0.1", port, limit=2**22)
+    if with_sms_gateway:
+        await asyncio.start_server(sms_gateway, "127.0.0.1", port + 1)
+    async with server:
+        await server.serve_forever()
+
+
+class SmtpSink:
+    """This server as a process of its own, on ``port`` or a free one; ``detached`` outlives the
+    process that started it (the demo's, stopped by ``huiying demo --stop``)."""
+
+    def __init__(self, port: int | None = None, detached: bool = False, sms_gateway: bool = False):
+        if port is None:
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+        self.port = port
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "huiying.mail_sink", str(self.port), *(["--sms"] if sms_gateway else [])],
+            start_new_session=detached,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL if detached else None,
+            stderr=subprocess.DEVNULL if detached else None,  # not the pipe of whoever ran the demo
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the SMTP sink did not start") from None
+                time.sleep(0.05)
+
+    def close(self):
+        self.process.terminate()
+        self.process.wait(5)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1]), with_sms_gateway="--sms" in sys.argv))
