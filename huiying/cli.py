@@ -204,7 +204,7 @@ def status(as_json):
 
     services = {}
     for service in settings.SERVICES:
-        services[service] = stack.health(service) | {"pid": stack.running_pid(service)}
+        services[service] = stack.health(service, readiness=True) | {"pid": stack.running_pid(service)}
     try:
         stack.check_broker()
         names = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)]
@@ -219,7 +219,11 @@ def status(as_json):
 
     def human(doc):
         for name, s in doc["services"].items():
-            click.echo(f"{name:12} {'healthy' if s['healthy'] else 'NOT healthy':12} {s['url']}  pid={s['pid']}")
+            state = "ready" if s.get("ready") else "healthy, NOT ready" if s["healthy"] else "NOT healthy"
+            click.echo(f"{name:12} {state:18} {s['url']}  pid={s['pid']}")
+            for check, outcome in s["checks"].items():
+                if outcome != "ok":
+                    click.echo(f"  {check}: {outcome}")
         click.echo(f"broker       {doc['broker']}")
         for name, q in doc["queues"].items():
             messages = "-" if q["messages"] is None else q["messages"]

@@ -81,18 +81,26 @@ def start(service: str) -> int:
     return process.pid
 
 
-def health(service: str, timeout: float = 3) -> dict:
-    url = f"http://{settings.http_address(service)}/health"
+def health(service: str, timeout: float = 3, readiness: bool = False) -> dict:
+    """``{"healthy", "checks", "url"}`` from the service's ``/health`` (with ``readiness``, also
+    ``"ready"`` and the checks of ``/ready``: schema at the expected migration, rules loaded)."""
+    base = f"http://{settings.http_address(service)}"
+    url = f"{base}/health"
     try:
         response = requests.get(url, timeout=timeout)
         body = response.json()
-        return {
+        found = {
             "healthy": response.status_code == 200 and bool(body.get("healthy")),
             "checks": body.get("checks", {}),
             "url": url,
         }
+        if readiness:
+            response = requests.get(f"{base}/ready", timeout=timeout)
+            body = response.json()
+            found.update(ready=response.status_code == 200 and bool(body.get("ready")), checks=body.get("checks", {}))
+        return found
     except (requests.RequestException, ValueError) as exc:
-        return {"healthy": False, "checks": {"http": f"unreachable: {type(exc).__name__}"}, "url": url}
+        return {"healthy": False, "ready": False, "checks": {"http": f"unreachable: {type(exc).__name__}"}, "url": url}
 
 
 def wait_healthy(services, timeout: float = 90) -> None:

@@ -70,6 +70,11 @@ class ServiceBase:
     def health(self, request):
         return health.respond(self.name, self.db, self.config["AMQP_URI"])
 
+    @http("GET", "/ready")
+    def ready(self, request):
+        rules = getattr(self, "rules", None)
+        return health.respond_ready(self.name, self.db, self.config["AMQP_URI"], rules.status() if rules else None)
+
     @http("GET", "/metrics")
     def metrics(self, request):
         """Prometheus's text format (services/common/metrics.py lists what is measured)."""

@@ -87,11 +87,37 @@ def nameko_config(service: str) -> dict:
         # Enough concurrent workers for bursts, few enough that a 2-core box is not swamped.
         "max_workers": int(os.environ.get("HUIYING_MAX_WORKERS", "10")),
         "HEARTBEAT": 60,
-        "LOGGING": {
-            "version": 1,
-            "disable_existing_loggers": False,
-            "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-            "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-            "root": {"level": os.environ.get("HUIYING_LOG_LEVEL", "INFO"), "handlers": ["console"]},
+        "LOGGING": logging_config(service),
+    }
+
+
+LOG_FORMATS = ("json", "plain")
+
+
+def log_format() -> str:
+    """``HUIYING_LOG_FORMAT``: ``json`` (default: one object per line, with ``service`` and, where
+    a line is about a case, ``case_id``) or ``plain`` (for reading by eye)."""
+    raw = os.environ.get("HUIYING_LOG_FORMAT", "")
+    value = raw.strip().lower() or LOG_FORMATS[0]
+    if value not in LOG_FORMATS:
+        raise ConfigurationError(f"HUIYING_LOG_FORMAT must be 'json' or 'plain' (default 'json'), not {raw!r}")
+    return value
+
+
+def logging_config(service: str) -> dict:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+            "json": {
+                "()": "pythonjsonlogger.json.JsonFormatter",
+                "fmt": "%(asctime)s %(levelname)s %(name)s %(message)s",
+                "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+                "static_fields": {"service": service},
+                "json_ensure_ascii": False,
+            },
         },
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": log_format()}},
+        "root": {"level": os.environ.get("HUIYING_LOG_LEVEL", "INFO"), "handlers": ["console"]},
     }

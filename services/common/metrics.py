@@ -4,6 +4,8 @@ What is measured, and where:
 - ``huiying_events_published_total{service, event_type}``: every event a service got out of its
   outbox (outbox.py). Cases received are intake's ``case_received``, cases routed routing's
   ``case_referred`` and ``case_needs_triage``, escalations supervision's ``case_escalated``.
+- ``huiying_cases_received_total{source}``, ``huiying_cases_routed_total{outcome}`` (referred or
+  triage), ``huiying_cases_escalated_total{action}``: the same events, counted as what they mean.
 - ``huiying_event_lag_seconds{service, event_type}``: from an event's occurrence to its handler
   starting in this service — how far behind its queue is (events.py).
 - ``huiying_rule_evaluation_seconds{ruleset}``: one durable_rules evaluation (rules/ruleset.py;
@@ -33,9 +35,26 @@ RULE_EVALUATION = Histogram(
     ["ruleset"],
     buckets=(0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1),
 )
+CASES_RECEIVED = Counter("huiying_cases_received_total", "Cases intake stored (new, not resent)", ["source"])
+CASES_ROUTED = Counter(
+    "huiying_cases_routed_total", "Routing decisions: referred, or put on the triage list", ["outcome"]
+)
+CASES_ESCALATED = Counter("huiying_cases_escalated_total", "Escalation actions taken, per case", ["action"])
 NOTIFICATION_FAILURES = Counter(
     "huiying_notification_failures_total", "Deliveries that failed: retried or parked", ["channel", "outcome"]
 )
+
+
+def count_published(service: str, event: dict) -> None:
+    """Count an event its service has published, and the case-level counters it stands for."""
+    event_type = event["event_type"]
+    EVENTS_PUBLISHED.labels(service, event_type).inc()
+    if event_type == "case_received":
+        CASES_RECEIVED.labels(event.get("source") or "?").inc()
+    elif event_type in ("case_referred", "case_needs_triage"):
+        CASES_ROUTED.labels("referred" if event_type == "case_referred" else "triage").inc()
+    elif event_type == "case_escalated":
+        CASES_ESCALATED.labels(event.get("action") or "?").inc()
 
 
 def observe_lag(service: str, event: dict) -> None:

@@ -212,13 +212,24 @@ class OutboxRelay:
                 return published
             self._sent += [m["event_id"] for m in batch]
             published += len(batch)
-            self._count([m["event_type"] for m in batch])
+            self._count(batch)
         return published
 
-    def _count(self, event_types: list[str]):
+    def _count(self, events: list[dict]):
+        """Metrics, and one log line per event carrying its case id: a case's whole trail through
+        the services can be followed in their JSON logs (``case_id``)."""
         service = self.table.name.removesuffix("_outbox")
-        for event_type in event_types:
-            metrics.EVENTS_PUBLISHED.labels(service, event_type).inc()
+        for event in events:
+            metrics.count_published(service, event)
+            log.info(
+                "%s published",
+                event["event_type"],
+                extra={
+                    "case_id": event.get("case_id"),
+                    "event_type": event["event_type"],
+                    "event_id": event.get("event_id"),
+                },
+            )
 
     def _mark_sent(self, sessions):
         while self._sent:
@@ -241,7 +252,7 @@ class OutboxRelay:
                 ).all()
             if rows:
                 _publish(dispatch, [(row.event_type, row.payload) for row in rows])
-                self._count([row.event_type for row in rows])
+                self._count([{**row.payload, "event_type": row.event_type} for row in rows])
                 with sessions.begin() as session:
                     session.execute(
                         update(self.table).where(self.table.c.id.in_([r.id for r in rows])).values(published_at=now())

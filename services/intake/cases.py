@@ -180,7 +180,13 @@ def submit_many(
         return [Submitted(existing, False)]
     for submission, result in zip(submissions, results):
         if isinstance(result, Submitted) and result.created:
-            log.info("case %s received from %s via %s", result.case_id, submission.source, channel)
+            log.info(
+                "case %s received from %s via %s",
+                result.case_id,
+                submission.source,
+                channel,
+                extra={"case_id": result.case_id},
+            )
     return results
 
 

@@ -88,6 +88,8 @@ def test_up_load_submit_show_status_down(stack_env):
 
     status = json.loads(huiying(stack_env, "status", "--json").stdout)
     assert all(s["healthy"] for s in status["services"].values())
+    assert all(s["ready"] for s in status["services"].values()), status["services"]
+    assert all(s["checks"]["schema"] == "ok" for s in status["services"].values())
     assert set(status["services"]) == {"intake", "routing", "supervision", "notify"}
     dead = status["dead_letters"]
     assert (dead["huiying.intake.tickets.dead"], dead["huiying.events.dead"]) == (0, 0)
@@ -107,6 +109,21 @@ def test_up_load_submit_show_status_down(stack_env):
     assert value(routing, "huiying_rule_evaluation_seconds_count") >= 1
     assert value(supervision, "huiying_rule_evaluation_seconds_count") >= 1
     assert "huiying_notification_failures" in {family for family, _, _ in notify}
+    assert value(intake, "huiying_cases_received_total") == 59
+    assert (
+        value(routing, "huiying_cases_routed_total", outcome="referred")
+        + value(routing, "huiying_cases_routed_total", outcome="triage")
+        == 59
+    )
+    assert value(supervision, "huiying_cases_escalated_total", action="add_to_agenda") >= 1
+
+    # Structured logs: one JSON object a line; a case's trail found by its id in every service.
+    for service in ("intake", "routing", "supervision", "notify"):
+        lines = Path(stack_env["HUIYING_VAR_DIR"], "log", f"{service}.log").read_text().splitlines()
+        records = [json.loads(line) for line in lines if line.startswith("{")]
+        assert records and all(r["service"] == service for r in records)
+        if service in ("intake", "routing"):
+            assert any(r.get("case_id") == submitted["id"] for r in records), service
 
     # Personal data: the reporter's phone appears in no log line of any service.
     logs = Path(stack_env["HUIYING_VAR_DIR"], "log")
