@@ -135,8 +135,7 @@ def demo(stop, timeout, as_json):
     os.environ["HUIYING_VAR_DIR"] = str(demo_dir)
     os.environ[CLOCK_FILE_VARIABLE] = str(demo_dir / "clock")
     os.environ.pop("DATABASE_URL", None)  # the demo's own SQLite database in var/demo
-    for service in reversed(settings.SERVICES):
-        stack.stop(service)
+    stack.stop_all(settings.SERVICES)
     mail_pid = demo_dir / "run" / "mail-sink.pid"
     if mail_pid.exists():  # the demo's mail server, if it started one
         with contextlib.suppress(ValueError, OSError):
@@ -188,8 +187,7 @@ def demo(stop, timeout, as_json):
 @main.command()
 def down():
     """Stop what 'huiying up' started."""
-    for service in reversed(settings.SERVICES):
-        was_running = stack.stop(service)
+    for service, was_running in stack.stop_all(settings.SERVICES).items():
         click.echo(f"{service}: {'stopped' if was_running else 'not running'}", err=True)
 
 

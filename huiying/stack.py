@@ -128,18 +128,23 @@ def last_log_line(service: str) -> str:
 
 def stop(service: str, timeout: float = 20) -> bool:
     """SIGTERM, then SIGKILL after ``timeout``; True if a process was running."""
-    pid = running_pid(service)
-    if pid is None:
-        pid_file(service).unlink(missing_ok=True)
-        return False
-    os.kill(pid, signal.SIGTERM)
+    return stop_all([service], timeout)[service]
+
+
+def stop_all(services, timeout: float = 20) -> dict[str, bool]:
+    """``stop`` for several at once: each is sent SIGTERM, then all are waited for together (a
+    nameko service takes a few seconds to finish its workers and close its connections)."""
+    pids = {service: running_pid(service) for service in services}
+    for pid in filter(None, pids.values()):
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and running_pid(service):
+    while time.monotonic() < deadline and any(running_pid(service) for service, pid in pids.items() if pid):
         time.sleep(0.2)
-    if running_pid(service):
-        os.kill(pid, signal.SIGKILL)
-    pid_file(service).unlink(missing_ok=True)
-    return True
+    for service, pid in pids.items():
+        if pid and running_pid(service):
+            os.kill(pid, signal.SIGKILL)
+        pid_file(service).unlink(missing_ok=True)
+    return {service: pid is not None for service, pid in pids.items()}
 
 
 def queue_depths(amqp_uri: str, queue_names) -> dict:

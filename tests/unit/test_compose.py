@@ -170,11 +170,15 @@ def test_service_waits_for_broker_database_and_migrations(services, name):
 
 
 @pytest.mark.parametrize("name", SERVICES)
-def test_service_healthcheck_probes_its_own_health_endpoint(services, name):
+def test_service_healthcheck_probes_its_own_readiness_endpoint(services, name):
     text = healthcheck_text(services[name])
-    assert "/health" in text
+    assert "/ready" in text  # broker, database, schema at the expected migration, rules loaded
     assert str(SERVICES[name]) in text
     assert "curl" not in text and "wget" not in text, "python:3.11-slim has neither"
+
+
+def test_the_board_secret_is_given_to_supervision(services):
+    assert "HUIYING_BOARD_SECRET" in environment(services["supervision"])
 
 
 @pytest.mark.parametrize("name", SERVICES)
