@@ -304,6 +304,20 @@ class SupervisionService(ServiceBase):
             return record
 
     @rpc(expected_exceptions=EXPECTED)
+    def department_rates(self, start=None, end=None, xlsx=False) -> dict:
+        """``{"period", "departments"}`` as the report API; with ``xlsx``, also the workbook as
+        base64 (``huiying report departments --xlsx FILE``)."""
+        import base64
+
+        period = reports.period_from(start, end, now())
+        with snapshot(self.db) as session:
+            rates = reports.department_rates(session, period)
+        found = {"period": period.as_dict(), "departments": rates}
+        if xlsx:
+            found["xlsx_base64"] = base64.b64encode(reports.rates_workbook(rates, period)).decode()
+        return found
+
+    @rpc(expected_exceptions=EXPECTED)
     def list_agenda(self, status=None, kind=None) -> list:
         with self.db() as session:
             return escalation.list_items(session, status, kind)

@@ -57,8 +57,15 @@ def test_the_board_is_behind_a_staff_login(board):
     assert as_department.status_code == 403
 
 
-def test_the_rates_count_what_departments_did_and_the_xlsx_says_the_same(board, rpc):
+def test_the_rates_count_what_departments_did_and_the_xlsx_says_the_same(
+    board, rpc, rabbit_config, monkeypatch, tmp_path
+):
+    import json
+
+    from click.testing import CliRunner
     from openpyxl import load_workbook
+
+    from huiying.cli import main
 
     url, staff, _ = board
     headers = {"Authorization": f"Bearer {staff}"}
@@ -114,6 +121,15 @@ def test_the_rates_count_what_departments_did_and_the_xlsx_says_the_same(board, 
             department["on_time_rate"],
         )
     assert rows[-1][1] == "合计" and rows[-1][2] == totals["referred"]
+
+    monkeypatch.setenv("AMQP_URI", rabbit_config["AMQP_URI"])  # the operator's CLI: the same table, the same form
+    cli = CliRunner().invoke(main, ["report", "departments", "--xlsx", str(tmp_path / "r.xlsx"), "--json"])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads(cli.stdout) == body
+    saved = list(load_workbook(tmp_path / "r.xlsx").active.iter_rows(values_only=True))
+    assert saved == rows and not (tmp_path / "r.xlsx.partial").exists()
+    refused = CliRunner().invoke(main, ["report", "departments", "--from", "2026-02-30"])
+    assert refused.exit_code == 1 and "from must be a day as YYYY-MM-DD" in refused.output
 
     overview = requests.get(f"{url}/api/v1/board/overview", headers=headers).json()
     assert overview["cases_received"] == 3 and overview["cases_open"] == 2  # B-1 was closed
