@@ -156,10 +156,10 @@ def demo(stop, timeout, as_json):
         os.environ.setdefault("HUIYING_SMS_GATEWAY_URL", f"http://127.0.0.1:{sink.port + 1}/sms")
     _start_stack(timeout)
 
-    from services.common.topology import all_service_classes, event_handler_queues
+    from services.common.topology import event_handler_queue_names
     from services.notify.queue import QUEUE as DELIVERIES
 
-    queues = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)] + [DELIVERIES.name]
+    queues = [*event_handler_queue_names(), DELIVERIES.name]
     with rpc_proxy() as proxy:
         replay = scenario.Demo(
             proxy,
@@ -196,7 +196,7 @@ def down():
 def status(as_json):
     """Each service's health, queue depths and dead-letter counts."""
     from services.common.events import DEAD_QUEUE as EVENTS_DEAD_QUEUE
-    from services.common.topology import all_service_classes, event_handler_queues
+    from services.common.topology import event_handler_queue_names
     from services.intake.ticket_queue import DEAD_QUEUE, RETRY_QUEUE, TICKET_QUEUE
     from services.notify.queue import DEAD_QUEUE as NOTIFY_DEAD_QUEUE
 
@@ -205,7 +205,7 @@ def status(as_json):
         services[service] = stack.health(service, readiness=True) | {"pid": stack.running_pid(service)}
     try:
         stack.check_broker()
-        names = [q.name for cls in all_service_classes() for q in event_handler_queues(cls)]
+        names = event_handler_queue_names()
         names += [TICKET_QUEUE.name, RETRY_QUEUE.name]
         queues = stack.queue_depths(settings.amqp_uri(), names)
         dead_queues = [DEAD_QUEUE.name, EVENTS_DEAD_QUEUE.name, NOTIFY_DEAD_QUEUE.name]
@@ -760,15 +760,14 @@ def report_departments(start, end, xlsx_file, as_json):
     """Per department: referred, 响应率, 解决率, 满意率, 按期办结率 over a period (README, "The board")."""
     import base64
 
+    from services.supervision.reports import percent
+
     with rpc_proxy() as proxy:
         found = proxy.supervision.department_rates(start, end, bool(xlsx_file))
     if xlsx_file:
         partial = xlsx_file.with_name(xlsx_file.name + ".partial")
         partial.write_bytes(base64.b64decode(found.pop("xlsx_base64")))
         partial.replace(xlsx_file)  # never a half-written file under the name asked for
-
-    def percent(rate):
-        return "—" if rate is None else f"{rate * 100:.1f}%"
 
     def human(doc):
         click.echo(f"{doc['period']['from']} – {doc['period']['to']}, by day of referral")

@@ -110,6 +110,11 @@ def all_service_classes():
     return [IntakeService, RoutingService, SupervisionService, NotifyService]
 
 
+def event_handler_queue_names() -> list[str]:
+    """Every service's event-handler queues (for status and for waiting until they are drained)."""
+    return [queue.name for cls in all_service_classes() for queue in event_handler_queues(cls)]
+
+
 class TopologyMismatch(RuntimeError):
     """A queue exists with other arguments (another queue type) than this process declares."""
 

@@ -9,6 +9,7 @@ API key (so a revoked key stops working within the key cache's minute).
 """
 
 import logging
+from functools import cache
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -17,6 +18,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from werkzeug.wrappers import Response
 
 from services.common.http import ApiError
+from services.supervision import reports
 
 log = logging.getLogger(__name__)
 
@@ -207,10 +209,6 @@ def translator(lang: str):
     return lambda key: MESSAGES[lang].get(key) or MESSAGES["zh"].get(key, key)
 
 
-def percent(rate) -> str:
-    return "—" if rate is None else f"{rate * 100:.1f}%"
-
-
 def render(request, template: str, status: int = 200, **context) -> Response:
     lang = language(request)
     other = "en" if lang == "zh" else "zh"
@@ -219,7 +217,7 @@ def render(request, template: str, status: int = 200, **context) -> Response:
         t=translator(lang),
         lang=lang,
         other_language_url=f"{request.path}?{urlencode({**args, 'lang': other})}",
-        percent=percent,
+        percent=reports.percent,
         label=lambda code: label(lang, code),
         request=request,
         **context,
@@ -230,6 +228,16 @@ def render(request, template: str, status: int = 200, **context) -> Response:
     if request.args.get("lang") in LANGUAGES:
         response.set_cookie(LANGUAGE_COOKIE, lang, max_age=365 * 86400, samesite="Lax", path="/board")
     return response
+
+
+@cache
+def _stylesheet_text() -> str:
+    return (HERE / "static" / "board.css").read_text(encoding="utf-8")
+
+
+def stylesheet() -> Response:
+    """The board's one stylesheet, read from the package once per process."""
+    return Response(_stylesheet_text(), mimetype="text/css", headers={"Cache-Control": "max-age=300"})
 
 
 def redirect(location: str) -> Response:

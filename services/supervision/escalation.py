@@ -382,13 +382,13 @@ def item_view(session, row, with_cases: bool = True) -> dict:
     return view
 
 
-def list_items(session, status=None, kind=None) -> list[dict]:
+def list_items(session, status=None, kind=None, with_cases: bool = False) -> list[dict]:
     query = select(agenda).order_by(agenda.c.id)
     if status:
         query = query.where(agenda.c.status == status)
     if kind:
         query = query.where(agenda.c.kind == kind)
-    return [item_view(session, row, with_cases=False) for row in session.execute(query).all()]
+    return [item_view(session, row, with_cases) for row in session.execute(query).all()]
 
 
 def show_item(session, agenda_id: str) -> dict:

@@ -74,6 +74,11 @@ def period_from(start: str | None, end: str | None, now: datetime) -> Period:
     return period
 
 
+def percent(rate: float | None) -> str:
+    """A rate as people read it: ``82.5%``, or ``—`` when there was nothing to divide by."""
+    return "—" if rate is None else f"{rate * 100:.1f}%"
+
+
 def _rate(numerator: int, denominator: int) -> float | None:
     return round(numerator / denominator, 4) if denominator else None
 

@@ -310,8 +310,7 @@ class SupervisionService(ServiceBase):
         import base64
 
         period = reports.period_from(start, end, now())
-        with snapshot(self.db) as session:
-            rates = reports.department_rates(session, period)
+        rates = self._department_rates(period)
         found = {"period": period.as_dict(), "departments": rates}
         if xlsx:
             found["xlsx_base64"] = base64.b64encode(reports.rates_workbook(rates, period)).decode()
@@ -391,6 +390,10 @@ class SupervisionService(ServiceBase):
     def _period(self, request):
         return reports.period_from(request.args.get("from"), request.args.get("to"), now())
 
+    def _department_rates(self, period) -> list[dict]:
+        with snapshot(self.db) as session:
+            return reports.department_rates(session, period)
+
     @http("GET", "/api/v1/board/overview")
     def http_overview(self, request):
         """The board's first page as JSON: counts, overdue referrals by department, weekly open
@@ -404,9 +407,7 @@ class SupervisionService(ServiceBase):
     def http_department_rates(self, request):
         self._staff(request, "the department report")
         period = self._period(request)
-        with snapshot(self.db) as session:
-            rates = reports.department_rates(session, period)
-        return json_response(200, {"period": period.as_dict(), "departments": rates})
+        return json_response(200, {"period": period.as_dict(), "departments": self._department_rates(period)})
 
     @http("GET", "/api/v1/reports/departments.xlsx")
     def http_department_rates_xlsx(self, request):
@@ -414,10 +415,8 @@ class SupervisionService(ServiceBase):
         return self._rates_download(self._period(request))
 
     def _rates_download(self, period):
-        with snapshot(self.db) as session:
-            rates = reports.department_rates(session, period)
         return download_response(
-            reports.rates_workbook(rates, period),
+            reports.rates_workbook(self._department_rates(period), period),
             "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
             f"huiying-departments-{period.start}-{period.end}.xlsx",
         )
@@ -433,8 +432,9 @@ class SupervisionService(ServiceBase):
         require_staff(actor, "the board")
         return actor
 
-    def _page(self, request, template, **context):
-        return board.render(request, template, signed_in=True, names=self._names(), **context)
+    def _page(self, request, template, names=None, **context):
+        names = names or self._names()
+        return board.render(request, template, signed_in=True, names=names, **context)
 
     def _names(self) -> dict:
         """The directory's names of streets, categories and departments, by code (asked of intake,
@@ -452,10 +452,7 @@ class SupervisionService(ServiceBase):
 
     @http("GET", "/board/static/board.css", error_renderer=board.html_error)
     def board_css(self, request):
-        from werkzeug.wrappers import Response
-
-        css = (board.HERE / "static" / "board.css").read_text(encoding="utf-8")
-        return Response(css, mimetype="text/css", headers={"Cache-Control": "max-age=300"})
+        return board.stylesheet()
 
     @http("GET", "/board/login", error_renderer=board.html_error)
     def board_login_form(self, request):
@@ -482,14 +479,16 @@ class SupervisionService(ServiceBase):
         period = self._period(request)
         with snapshot(self.db) as session:
             data = reports.overview(session, now(), period)
+        names = self._names()
         return self._page(
             request,
             "overview.html",
+            names=names,
             data=data,
             period=data["period"],
             weekly=board.grouped_bars(data["weeks"], "week", ["open", "overdue"]),
-            by_street=board.horizontal_bars(data["by_street"], self._names()["street"]),
-            by_category=board.horizontal_bars(data["by_category"], self._names()["category"]),
+            by_street=board.horizontal_bars(data["by_street"], names["street"]),
+            by_category=board.horizontal_bars(data["by_category"], names["category"]),
         )
 
     @http("GET", "/board", error_renderer=board.html_error)
@@ -500,16 +499,14 @@ class SupervisionService(ServiceBase):
     def board_agenda(self, request):
         self._board_staff(request)
         with snapshot(self.db) as session:
-            items = [escalation.show_item(session, item["id"]) for item in escalation.list_items(session)]
+            items = escalation.list_items(session, with_cases=True)
         return self._page(request, "agenda.html", items=items)
 
     @http("GET", "/board/departments", error_renderer=board.html_error)
     def board_departments(self, request):
         self._board_staff(request)
         period = self._period(request)
-        with snapshot(self.db) as session:
-            rates = reports.department_rates(session, period)
-        return self._page(request, "departments.html", rates=rates, period=period.as_dict())
+        return self._page(request, "departments.html", rates=self._department_rates(period), period=period.as_dict())
 
     @http("GET", "/board/departments.xlsx", error_renderer=board.html_error)
     def board_departments_xlsx(self, request):
