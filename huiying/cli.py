@@ -95,13 +95,22 @@ def _start_stack(timeout: float) -> None:
             upgrade(service)
         # Before any service publishes: an event sent to an exchange without queues is lost.
         declare_all(settings.amqp_uri())
-        for service in settings.SERVICES:
-            pid = stack.start(service)
+        already_running = {service for service in settings.SERVICES if stack.running_pid(service)}
+
+        def announce(service, pid):
             click.echo(
                 f"{service}: pid {pid}, http://{settings.http_address(service)}, log {stack.log_file(service)}",
                 err=True,
             )
-        stack.wait_healthy(settings.SERVICES, timeout=timeout)
+
+        for service in settings.SERVICES:
+            announce(service, stack.start(service))
+        stack.wait_healthy(
+            settings.SERVICES,
+            timeout=timeout,
+            spawned=set(settings.SERVICES) - already_running,
+            on_start=announce,
+        )
     except (stack.StackError, settings.ConfigurationError, TopologyMismatch) as exc:
         raise CliError(str(exc)) from None
     click.echo("all four services are healthy", err=True)

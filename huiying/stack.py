@@ -103,13 +103,26 @@ def health(service: str, timeout: float = 3, readiness: bool = False) -> dict:
         return {"healthy": False, "ready": False, "checks": {"http": f"unreachable: {type(exc).__name__}"}, "url": url}
 
 
-def wait_healthy(services, timeout: float = 90) -> None:
+def wait_healthy(services, timeout: float = 90, spawned=None, on_start=None) -> None:
+    """Wait until every service answers /health. ``spawned`` names the services whose process the
+    caller has just started: one of those that exits is a failed start. Any other that stops
+    meanwhile (killed while `huiying up` was waiting for the rest) is started again, as `up` would
+    have done a moment later, and ``on_start(service, pid)`` is told."""
     deadline = time.monotonic() + timeout
     pending = list(services)
+    spawned = set(services if spawned is None else spawned)
     while pending and time.monotonic() < deadline:
         for service in list(pending):
             if running_pid(service) is None:
-                raise StackError(f"{service} exited during start; see {log_file(service)}: {last_log_line(service)}")
+                if service in spawned:
+                    raise StackError(
+                        f"{service} exited during start; see {log_file(service)}: {last_log_line(service)}"
+                    )
+                pid = start(service)
+                spawned.add(service)
+                if on_start:
+                    on_start(service, pid)
+                continue
             if health(service, timeout=2)["healthy"]:
                 pending.remove(service)
         if pending:
