@@ -37,6 +37,7 @@ import psycopg2
 import requests
 from kombu import Connection, Producer
 
+from bench.profiling import Sampler
 from bench.raw_broker import measure as raw_broker
 from huiying.mail_sink import SmtpSink
 from tests.conftest import DEMO_DIRECTORY, Receiver
@@ -279,6 +280,11 @@ def main():
     parser.add_argument("--seconds", type=float, default=30, help="length of each latency run")
     parser.add_argument("--http-share", type=float, default=0.2, help="share of cases sent by HTTP")
     parser.add_argument("--raw-messages", type=int, default=10000)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample each service with py-spy during the burst (pip install py-spy): top functions, *.folded",
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="huiying-bench-"))
@@ -304,6 +310,9 @@ def main():
         report["raw_broker_without_confirms"] = raw_broker(stack.amqp_uri, args.raw_messages, confirm=False)
         stack.up()
         senders, watcher, meter = Senders(stack, stack.keys["hotline"]), Watcher(stack), Meter(stack, smtp)
+        sampler = Sampler({s: stack.pid(s) for s in SERVICES}, Path.cwd(), "bench-e2e") if args.profile else None
+        if sampler:
+            sampler.start()
         meter.start()
         started = time.perf_counter()
         report["burst"] = run(stack, senders, watcher, "B", args.burst, 0, args.http_share, timeout=900)
@@ -311,6 +320,8 @@ def main():
         report["burst"]["all_work_done_s"] = round(time.perf_counter() - started - 1, 1)
         report["burst"] |= meter.stop(args.burst)
         report["burst"]["all_work_done_per_s"] = round(args.burst / report["burst"]["all_work_done_s"], 1)
+        if sampler:
+            report["burst_profile"] = sampler.stop()
         for n, rate in enumerate(float(r) for r in args.rates.split(",")):
             count = int(rate * args.seconds)
             report[f"steady_{rate:g}_per_s"] = run(

@@ -30,6 +30,7 @@ from pathlib import Path
 import psycopg2
 import requests
 
+from bench.profiling import Sampler
 from services.common.migrations import upgrade
 from services.common.timeutil import now
 from tests.conftest import DEMO_DIRECTORY, free_port
@@ -99,8 +100,12 @@ def connections(vhost: str) -> list[str]:
     return sorted(c["name"] for c in response.json() if c.get("vhost") == vhost)
 
 
-def sweep_pass(db, process, timeout: float, prepare: str) -> dict:
-    """Run ``prepare`` (SQL marking shards due), then wait until every shard has been swept."""
+def sweep_pass(db, process, timeout: float, prepare: str, profile: bool = False) -> dict:
+    """Run ``prepare`` (SQL marking shards due), then wait until every shard has been swept
+    (with ``profile``, py-spy samples the process meanwhile: bench/profiling.py)."""
+    sampler = Sampler({"supervision": process.pid}, Path.cwd(), "bench-sweep") if profile else None
+    if sampler:
+        sampler.start()
     with db.cursor() as cursor:
         cursor.execute(prepare)
         cursor.execute("SELECT count(*) FROM supervision_decisions")
@@ -113,6 +118,7 @@ def sweep_pass(db, process, timeout: float, prepare: str) -> dict:
                 break
         time.sleep(0.2)
     seconds = time.perf_counter() - started
+    profiled = sampler.stop().get("supervision") if sampler else None
     with db.cursor() as cursor:
         # The sweep's own time: from the first shard's start to the last shard's end (the wall
         # time above also holds the wait for the service's next timer tick, up to 5 s).
@@ -127,13 +133,18 @@ def sweep_pass(db, process, timeout: float, prepare: str) -> dict:
         "sweep_s": round(float(sweep_seconds), 1),
         "evaluated": evaluated,
         "new_decisions": decisions,
-    }
+    } | ({"profile": profiled} if profiled else {})
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=100_000)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds allowed for each pass")
+    parser.add_argument(
+        "--profile",
+        choices=["first", "whole", "incremental"],
+        help="sample that pass with py-spy (pip install py-spy): its top functions, and bench-sweep-supervision.folded",
+    )
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="huiying-sweep-"))
@@ -171,14 +182,17 @@ def main():
         time.sleep(8)  # started and connected
         before = connections(vhost)
         every_shard_due = "UPDATE supervision_sweep_shards SET swept_at = NULL"
-        report["first"] = sweep_pass(db, process, args.timeout, every_shard_due)
-        report["whole"] = sweep_pass(db, process, args.timeout, every_shard_due + ", whole_on = NULL")
+        report["first"] = sweep_pass(db, process, args.timeout, every_shard_due, args.profile == "first")
+        whole = every_shard_due + ", whole_on = NULL"
+        report["whole"] = sweep_pass(db, process, args.timeout, whole, args.profile == "whole")
         one_percent = max(1, args.cases // 100)
         changed = (
             f"UPDATE supervision_cases SET changed_at = now() WHERE case_id IN"
             f" (SELECT case_id FROM supervision_cases ORDER BY random() LIMIT {one_percent}); {every_shard_due}"
         )
-        report["incremental"] = sweep_pass(db, process, args.timeout, changed) | {"cases_changed": one_percent}
+        report["incremental"] = sweep_pass(db, process, args.timeout, changed, args.profile == "incremental") | {
+            "cases_changed": one_percent
+        }
         status = Path(f"/proc/{process.pid}/status").read_text() if process.poll() is None else ""
         peak = [line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")]
         report["peak_rss_mb"] = round(int(peak[0]) / 1024) if peak else None

@@ -1,0 +1,62 @@
+"""Where a process's time goes during a benchmark: py-spy (``pip install py-spy``; not a project
+dependency) samples it, writes collapsed stacks (for flamegraph.pl or speedscope), and ``top``
+reads them back as the functions holding the most samples, by own time and with callees.
+A profiled run is slower than an unprofiled one: report its shares, not its timings."""
+
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+RATE = 50  # samples a second: enough for shares over tens of seconds, a few % of a core
+
+
+class Sampler:
+    """py-spy on each of ``pids`` (``{name: pid}``) from ``start`` until ``stop``; the stacks go
+    to ``directory / f"{prefix}-{name}.folded"``."""
+
+    def __init__(self, pids: dict[str, int], directory: Path, prefix: str):
+        self.files = {name: Path(directory) / f"{prefix}-{name}.folded" for name in pids}
+        self.pids, self.spies = pids, []
+
+    def start(self):
+        py_spy = str(Path(sys.executable).parent / "py-spy")
+        for name, pid in self.pids.items():
+            options = ["--nonblocking", "--rate", str(RATE), "--format", "raw", "--output", str(self.files[name])]
+            self.spies.append(
+                subprocess.Popen([py_spy, "record", *options, "--pid", str(pid)], stderr=subprocess.DEVNULL)
+            )
+
+    def stop(self, shown: int = 12) -> dict[str, dict]:
+        """Stops sampling (py-spy writes its file when interrupted); ``top`` of each file."""
+        for spy in self.spies:
+            spy.send_signal(signal.SIGINT)
+        for spy in self.spies:
+            spy.wait(60)
+        return {name: top(path, shown) for name, path in self.files.items() if path.exists()}
+
+
+def top(path: Path, shown: int = 12) -> dict:
+    """The functions with the most samples in a collapsed-stacks file: ``own`` (the innermost
+    frame: where the time is spent) and ``with_callees`` (a frame anywhere on the stack: what the
+    time is spent for), each as a share of all samples."""
+    own, anywhere, total = Counter(), Counter(), 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        samples = int(count)
+        frames = [_function(frame) for frame in stack.split(";")]
+        total += samples
+        own[frames[-1]] += samples
+        for frame in set(frames):
+            anywhere[frame] += samples
+    share = lambda counter: {f: round(n / total, 3) for f, n in counter.most_common(shown)}  # noqa: E731
+    return {"samples": total, "own": share(own), "with_callees": share(anywhere)} if total else {"samples": 0}
+
+
+def _function(frame: str) -> str:
+    """``name (path/to/module.py:LINE)`` → ``name (module.py)``: lines apart, one function."""
+    name, _, where = frame.partition(" (")
+    return f"{name} ({Path(where.rsplit(':', 1)[0]).name})" if where else name
