@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import defaultdict
 from pathlib import Path
 
 import psycopg2
@@ -246,6 +247,40 @@ def _vhost_messages(vhost: str) -> dict:
     return {"published": stats.get("publish", 0), "delivered": stats.get("deliver_get", 0)}
 
 
+WALL_CLOCK = time.time() - time.perf_counter()  # perf_counter + this = the services' clock (same machine)
+
+# Each hop of a case's way, from the moments the services record in their transactions: intake
+# storing the case (its case_received outbox row) and routing recording and referring it (one
+# transaction). (The outbox's published_at is no use here: it is marked after the publication, a
+# batch at a time.)
+STAGES_SQL = """
+    SELECT i.external_id, extract(epoch FROM io.created_at), extract(epoch FROM r.recorded_at)
+    FROM intake_cases i
+    JOIN intake_outbox io ON io.event_type = 'case_received' AND io.payload->>'case_id' = i.id
+    JOIN routing_cases r ON r.case_id = i.id
+    WHERE i.external_id = ANY(:ids)
+"""
+STAGES = ("stored_by_intake", "referred_by_routing", "visible_in_supervision")
+
+
+def stages(stack, accepted_wall: dict[str, float], watcher) -> dict:
+    """p50, p95 and p99 of each hop (ms): accepted → stored by intake → recorded and referred by
+    routing → visible in supervision."""
+    hops = defaultdict(list)
+    for external_id, stored, referred in stack.rows(STAGES_SQL, ids=list(accepted_wall)):
+        seen = watcher.seen.get(external_id)
+        if seen is None:
+            continue
+        points = [accepted_wall[external_id], float(stored), float(referred), seen + WALL_CLOCK]
+        for name, before, after in zip(STAGES, points, points[1:]):
+            hops[name].append(after - before)
+    return {
+        name: {k.replace("_ms", ""): v for k, v in percentiles(hops[name]).items() if not k.startswith("max")}
+        for name in STAGES
+        if hops[name]
+    }
+
+
 def run(stack, senders, watcher, prefix, count, rate, http_share, timeout) -> dict:
     """Offer ``count`` cases (at ``rate``/s, or all at once when 0); the figures when each is
     visible in supervision. Latency is from the moment a case was accepted (its publish
@@ -268,6 +303,7 @@ def run(stack, senders, watcher, prefix, count, rate, http_share, timeout) -> di
         **percentiles(list(done.values())),
         **percentiles(from_scheduled, "from_scheduled_"),
     }
+    figures["stages"] = stages(stack, {k: t + WALL_CLOCK for k, t in accepted.items()}, watcher)
     if rate:  # kept up: took them in at the rate offered, none waiting long
         figures["kept_up"] = figures["throughput_per_s"] >= 0.95 * rate and figures["from_scheduled_p99_ms"] < 1000
     return figures
@@ -283,7 +319,7 @@ def main():
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="sample each service with py-spy during the burst (pip install py-spy): top functions, *.folded",
+        help="sample each service with py-spy during each run (pip install py-spy): top functions, *.folded",
     )
     args = parser.parse_args()
 
@@ -310,7 +346,9 @@ def main():
         report["raw_broker_without_confirms"] = raw_broker(stack.amqp_uri, args.raw_messages, confirm=False)
         stack.up()
         senders, watcher, meter = Senders(stack, stack.keys["hotline"]), Watcher(stack), Meter(stack, smtp)
-        sampler = Sampler({s: stack.pid(s) for s in SERVICES}, Path.cwd(), "bench-e2e") if args.profile else None
+        profiled = lambda run: Sampler(pids, Path.cwd(), f"bench-e2e-{run}") if args.profile else None  # noqa: E731
+        pids = {service: stack.pid(service) for service in SERVICES}
+        sampler = profiled("burst")
         if sampler:
             sampler.start()
         meter.start()
@@ -321,12 +359,16 @@ def main():
         report["burst"] |= meter.stop(args.burst)
         report["burst"]["all_work_done_per_s"] = round(args.burst / report["burst"]["all_work_done_s"], 1)
         if sampler:
-            report["burst_profile"] = sampler.stop()
+            report["burst"]["profile"] = sampler.stop()
         for n, rate in enumerate(float(r) for r in args.rates.split(",")):
             count = int(rate * args.seconds)
-            report[f"steady_{rate:g}_per_s"] = run(
-                stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900
-            )
+            sampler = profiled(f"steady-{rate:g}")
+            if sampler:
+                sampler.start()
+            name = f"steady_{rate:g}_per_s"
+            report[name] = run(stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900)
+            if sampler:
+                report[name]["profile"] = sampler.stop()
             stack.wait_settled(timeout=900, quiet_for=1)  # the next run starts with nothing behind
         watcher.stop()
         report["sender_retries"] = senders.retries

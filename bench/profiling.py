@@ -25,7 +25,11 @@ class Sampler:
         for name, pid in self.pids.items():
             options = ["--nonblocking", "--rate", str(RATE), "--format", "raw", "--output", str(self.files[name])]
             self.spies.append(
-                subprocess.Popen([py_spy, "record", *options, "--pid", str(pid)], stderr=subprocess.DEVNULL)
+                subprocess.Popen(
+                    [py_spy, "record", *options, "--pid", str(pid)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
             )
 
     def stop(self, shown: int = 12) -> dict[str, dict]:

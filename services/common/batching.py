@@ -198,8 +198,9 @@ class Coalesced:
     the cases its batch changed, intake storing one HTTP submission — is then done once for all
     of them, in one transaction, and no two runs race each other for the same rows. Each caller
     gets the results of its own items (``function`` returns one per item, in order, or None) once
-    a run has included them, and raises ``RunFailed`` if that run failed: its message or request
-    is answered only after the work, as if it had done it alone."""
+    a run has included them: its message or request is answered only after the work, as if it had
+    done it alone. When a run of several callers' items fails, each caller's items are run again
+    on their own, and only a caller whose own run fails raises ``RunFailed``."""
 
     def __init__(self):
         self._lock = threading.Lock()  # green once eventlet has patched threading
@@ -213,15 +214,25 @@ class Coalesced:
                 if handed.finished:  # the run before ours took our items
                     break
                 run, self._waiting = self._waiting, []
-                results, error = None, None
                 try:
                     results = function([item for each in run for item in each.items])
-                except Exception as exc:  # each caller of this run raises it
-                    error = exc
+                except Exception as exc:
+                    if len(run) == 1:
+                        run[0].finished, run[0].error = True, exc
+                        continue
+                    # One caller's bad item must not fail the others: each runs on its own.
+                    log.warning("a run of %s callers failed (%s); running each on its own", len(run), exc)
+                    for each in run:
+                        try:
+                            each.results = function(each.items)
+                        except Exception as exc:  # this caller raises it
+                            each.error = exc
+                        each.finished = True
+                    continue
                 start = 0
                 for each in run:
                     end = start + len(each.items)
-                    each.finished, each.error = True, error
+                    each.finished = True
                     each.results = None if results is None else results[start:end]
                     start = end
         if handed.error is not None:

@@ -27,7 +27,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, application_name: str | None = None) -> Engine:
+    """``application_name`` (PostgreSQL): how pg_stat_activity and the server's log name this
+    process's connections, e.g. ``huiying-supervision``."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -60,7 +62,10 @@ def create_db_engine(url: str) -> Engine:
     # the HTTP client gets a 5xx and resends: nothing accepted depends on the first try.
     # values_plus_batch: an UPDATE run with many parameter sets (a batch of cases) goes in pages
     # of 100 per round trip, not one round trip per row (INSERTs are multi-row either way).
-    return create_engine(url, pool_size=10, max_overflow=10, executemany_mode="values_plus_batch")
+    connect_args = {"application_name": application_name} if application_name else {}
+    return create_engine(
+        url, pool_size=10, max_overflow=10, executemany_mode="values_plus_batch", connect_args=connect_args
+    )
 
 
 class OneAtATime:
@@ -111,7 +116,7 @@ class Database(DependencyProvider):
     for a transaction."""
 
     def setup(self):
-        self.engine = create_db_engine(self.container.config["DATABASE_URL"])
+        self.engine = create_db_engine(self.container.config["DATABASE_URL"], f"huiying-{self.container.service_name}")
         maker = sessionmaker(self.engine, expire_on_commit=False)
         self.sessions = OneAtATime(maker) if self.engine.dialect.name == "sqlite" else maker
         hand_over_on_commit(maker, self.sessions)

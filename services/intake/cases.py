@@ -286,6 +286,12 @@ def get_case_row(session, case_id: str):
     return row
 
 
+def reporter_phones(session, case_ids) -> dict[str, str | None]:
+    """``{case id: its reporter's phone}`` for those of ``case_ids`` that exist, in one query."""
+    ids = sorted(set(case_ids))
+    return dict(session.execute(select(cases.c.id, cases.c.reporter_phone).where(cases.c.id.in_(ids))).all())
+
+
 # What a ticketing system sees of routing's progress: (status, note) per event.
 STATUS_FROM_ROUTING = {
     "case_referred": ("referred", "已转交{departments}办理"),

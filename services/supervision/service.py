@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from services.common.auth import KeyCache, actor_for, actor_for_key, require_staff
 from services.common.base import ServiceBase
-from services.common.batching import InBackground
+from services.common.batching import Coalesced, InBackground, RunFailed
 from services.common.db import snapshot
 from services.common.events import event_batch_handler
 from services.common.http import (
@@ -142,10 +142,7 @@ class SupervisionService(ServiceBase):
 
     @event_batch_handler("intake", "case_received")
     def on_case_received(self, events: list):
-        settings = self.rules.get().rules.settings
-        with self.db.begin() as session:
-            fresh = projection.record_cases_received(session, events, settings)
-        self._evaluate_after_events(fresh)
+        self._project(events)
 
     # One handler, one queue per routing event type (nameko names each queue after the type).
     @event_batch_handler("routing", "case_referred")
@@ -160,9 +157,28 @@ class SupervisionService(ServiceBase):
     @event_batch_handler("routing", "case_reopened")
     @event_batch_handler("routing", "case_closed")
     def on_routing_event(self, events: list):
+        self._project(events)
+
+    def _project(self, events: list):
+        """Every event queue's batches are projected by one run at a time in this process, with
+        what the other queues' workers handed over meanwhile, in one transaction (Coalesced).
+        Routing's case_referred arrives while intake's case_received for the same case is being
+        projected: as separate transactions, one waited for the other's locks on the case and its
+        shard, and most of a referral's way to the board was that wait (bench/e2e.py's stages)."""
+        projecting = self.state.setdefault("projecting", Coalesced())
+        try:
+            projecting(events, self._project_together)
+        except RunFailed as failed:  # the events' own error: the retry and the parked reason name it
+            raise failed.__cause__ from None
+
+    def _project_together(self, events: list) -> None:
         settings = self.rules.get().rules.settings
+        received = [event for event in events if event["event_type"] == "case_received"]
+        from_routing = [event for event in events if event["event_type"] != "case_received"]
         with self.db.begin() as session:
-            fresh = projection.record_routing_events(session, events, settings)
+            fresh = projection.record_cases_received(session, received, settings) if received else []
+            if from_routing:
+                fresh += projection.record_routing_events(session, from_routing, settings)
         self._evaluate_after_events(fresh)
 
     def _evaluate_after_events(self, case_ids: list):

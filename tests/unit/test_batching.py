@@ -180,30 +180,32 @@ def test_coalesced_runs_together_what_is_handed_over_during_a_run_and_gives_each
     assert results == {1: [2], 2: [4, 6], 4: [8]}
 
 
-def test_coalesced_callers_of_a_failed_run_all_raise():
+def test_coalesced_a_failed_run_is_run_again_caller_by_caller_and_only_the_failing_caller_raises():
     import eventlet
 
-    together, outcomes = Coalesced(), []
+    together, outcomes, runs = Coalesced(), [], []
 
     def fails(items):
+        runs.append(sorted(items))
         eventlet.sleep(0.01)
         if 9 in items:
             raise ValueError("no")
+        return [item * 10 for item in items]
 
-    def call(item):
+    def call(items):
         try:
-            together([item], fails)
-            outcomes.append((item, "ok"))
+            outcomes.append((items[0], together(items, fails)))
         except RunFailed as exc:
-            outcomes.append((item, str(exc)))
+            outcomes.append((items[0], str(exc)))
 
     pool = eventlet.GreenPool()
-    pool.spawn(call, 1)
+    pool.spawn(call, [1])
     eventlet.sleep(0.002)
-    pool.spawn(call, 9)
-    pool.spawn(call, 2)
+    pool.spawn(call, [9, 3])
+    pool.spawn(call, [2])
     pool.waitall()
-    assert sorted(outcomes) == [(1, "ok"), (2, "ValueError: no"), (9, "ValueError: no")]
+    assert sorted(outcomes) == [(1, [10]), (2, [20]), (9, "ValueError: no")]
+    assert runs == [[1], [2, 3, 9], [3, 9], [2]]  # together, then each on its own
 
 
 def test_max_batch_must_be_positive():
