@@ -15,9 +15,13 @@ processes (`huiying up`), notify sending its e-mail to an SMTP server on loopbac
   moment its referral became visible in supervision's tables (a notification at the commit) −
   the moment its publish was confirmed (or its HTTP request answered); and from the moment it
   was to be sent, which counts the wait for intake to accept it too.
-- where the capacity goes: CPU seconds of each process during the burst, per case (the machine
-  is shared: CPU time includes what a noisy neighbour costs, so compare shares, not single runs),
-  and the transactions and broker messages per case, which do not vary.
+- where the capacity goes: CPU seconds of each process during the burst and each steady run,
+  per case (the machine is shared: CPU time includes what a noisy neighbour costs, so compare
+  shares, not single runs), and the transactions and broker messages per case.
+- where the latency goes: each steady run's ``stages``, the p50/p95/p99 of each hop — accepted →
+  stored by intake → referred by routing → visible in supervision — from the moments the services
+  record in their own transactions.
+- ``--profile``: py-spy samples each service during each run (bench/profiling.py).
 """
 
 import argparse
@@ -366,10 +370,13 @@ def main():
             if sampler:
                 sampler.start()
             name = f"steady_{rate:g}_per_s"
+            meter.start()
             report[name] = run(stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900)
             if sampler:
                 report[name]["profile"] = sampler.stop()
             stack.wait_settled(timeout=900, quiet_for=1)  # the next run starts with nothing behind
+            # all of these cases' work, and what idling costs: small batches cost more per case
+            report[name] |= meter.stop(count)
         watcher.stop()
         report["sender_retries"] = senders.retries
         raw = report["raw_broker"]["end_to_end_per_s"]
