@@ -320,6 +320,7 @@ def main():
     parser.add_argument("--seconds", type=float, default=30, help="length of each latency run")
     parser.add_argument("--http-share", type=float, default=0.2, help="share of cases sent by HTTP")
     parser.add_argument("--raw-messages", type=int, default=10000)
+    parser.add_argument("--gather-ms", type=float, default=0, help="the services' HUIYING_BATCH_GATHER_MS")
     parser.add_argument(
         "--profile",
         action="store_true",
@@ -342,6 +343,7 @@ def main():
             "HUIYING_SMTP_PORT": str(smtp.port),
             "HUIYING_SMS_GATEWAY_URL": receiver.url("/sms"),
             "HUIYING_LOG_LEVEL": "WARNING",
+            **({"HUIYING_BATCH_GATHER_MS": str(args.gather_ms)} if args.gather_ms else {}),
         },
     )
     report = {}

@@ -211,3 +211,33 @@ def test_coalesced_a_failed_run_is_run_again_caller_by_caller_and_only_the_faili
 def test_max_batch_must_be_positive():
     with pytest.raises(ValueError):
         Entrypoint(lambda items: None, max_batch=0)
+
+
+def test_with_a_gather_time_a_batch_waits_for_what_arrives_meanwhile_and_without_it_does_not():
+    import eventlet
+
+    def batches_of_two_arriving_apart(gather_seconds):
+        point = entrypoint(lambda items: None)
+        point.container.config = {"BATCH_GATHER_SECONDS": gather_seconds}
+        point.container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
+        point.handle_message(1, "m1")
+        eventlet.sleep(0.02)  # the first message's flush has run, or is gathering
+        point.handle_message(2, "m2")
+        eventlet.sleep(0.15)
+        return point.container.batches
+
+    assert batches_of_two_arriving_apart(0) == [[1], [2]]
+    assert batches_of_two_arriving_apart(0.1) == [[1, 2]]
+
+
+def test_the_gather_time_setting_is_milliseconds_and_a_bad_value_is_named(monkeypatch):
+    from services.common.config import ConfigurationError, batch_gather_seconds
+
+    monkeypatch.delenv("HUIYING_BATCH_GATHER_MS", raising=False)
+    assert batch_gather_seconds() == 0
+    monkeypatch.setenv("HUIYING_BATCH_GATHER_MS", "50")
+    assert batch_gather_seconds() == 0.05
+    for bad in ("fast", "-1", "5000"):
+        monkeypatch.setenv("HUIYING_BATCH_GATHER_MS", bad)
+        with pytest.raises(ConfigurationError, match=f"HUIYING_BATCH_GATHER_MS .* not '{bad}'"):
+            batch_gather_seconds()
