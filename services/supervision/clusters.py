@@ -41,6 +41,14 @@ def clusters_to_join(words: frozenset, peers, threshold: float) -> list[str]:
     return joined
 
 
+def could_be_like(words: frozenset, cluster_words: frozenset, threshold: float) -> bool:
+    """False when a case with ``words`` is like no case of a cluster whose cases' words are all in
+    ``cluster_words``: similarity ≥ t needs |a ∩ b| ≥ t·|a ∪ b| ≥ t·|a|, and a ∩ b ⊆ a ∩ cluster_words."""
+    if not words:
+        return False
+    return len(words & cluster_words) >= threshold * len(words) - 1e-9
+
+
 def similarity(a: frozenset, b: frozenset) -> float:
     if not a or not b:
         return 0.0

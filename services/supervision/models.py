@@ -185,4 +185,17 @@ sweep_shards = Table(
     Column("whole_version", String(12)),  # and the ruleset version it used
 )
 
+# Every two-character word of a cluster's cases, for the clusters of more cases than a new case is
+# compared with first (projection._peers): a new case sharing too few of these words with a cluster
+# can be like none of its cases, so the cluster's cases need not be read. Words are only ever
+# added (a closed case's stay): a superset only lets more clusters through, never fewer. A cluster
+# with no row here is read whole the first time it is needed, and its row is written then.
+cluster_words = Table(
+    "supervision_cluster_words",
+    metadata,
+    Column("cluster_key", String(120), primary_key=True),
+    Column("words", Text, nullable=False),  # the words, separated by newlines
+    Column("updated_at", UTCDateTime, nullable=False),
+)
+
 outbox = outbox_table(metadata, "supervision")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, func, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, select, tuple_, update
 
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
@@ -22,8 +22,8 @@ from services.common.upsert import (
     insert_many_ignoring_duplicates,
     update_many,
 )
-from services.supervision.clusters import bigrams, cluster_key, clusters_to_join, similarity
-from services.supervision.models import case_projection, referral_projection, sweep_shards, timeline
+from services.supervision.clusters import bigrams, cluster_key, clusters_to_join, could_be_like, similarity
+from services.supervision.models import case_projection, cluster_words, referral_projection, sweep_shards, timeline
 
 ROUTING_EVENTS = (
     "case_referred",
@@ -270,7 +270,7 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
         received = [case.received_at for shard in shards for case in by_shard[shard]]
         span = (min(received) - window, max(received) + window)
         arriving = {case.case_id for shard in shards for case in by_shard[shard]}
-        peers = _peers(session, shards, span, arriving, settings, by_shard, window)
+        peers, unions = _peers(session, shards, span, arriving, settings, by_shard, window)
         for shard in shards:
             _join(
                 session,
@@ -279,7 +279,9 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
                 window,
                 settings,
                 keys,
+                unions,
             )
+        unions.save(session)
     # A case is stored with its own key (a cluster of one): only the keys that differ are written.
     stored_as = {case.case_id: getattr(case, "cluster_key", None) for case in cases}
     changed = [{"b_case_id": case_id, "b_key": key} for case_id, key in keys.items() if stored_as.get(case_id) != key]
@@ -294,11 +296,12 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
 FIRST_COMPARED = 3  # a cluster's most recent cases, which a new case is compared with first
 
 
-def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by_shard: dict, window) -> dict:
-    """``{shard: its open cases a new case may join, in the order they were received}``. Read in
-    two steps, so that a batch does not read every open case of its shards: each cluster's
-    ``FIRST_COMPARED`` most recent cases, and then every case only of the clusters that some
-    arrival is like none of those to. Whichever cluster an arrival joins is the same as if it
+def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by_shard: dict, window):
+    """``({shard: its open cases a new case may join, in the order they were received}, the
+    clusters' words)``. Read in steps, so that a batch does not read every open case of its
+    shards: each cluster's ``FIRST_COMPARED`` most recent cases; then every case only of the
+    clusters that some arrival is like none of those to and shares enough words with (the
+    cluster's words, ``ClusterWords``). Whichever cluster an arrival joins is the same as if it
     were compared with all."""
     c = case_projection.c
     in_shards = (tuple_(c.street, c.category).in_(shards), c.status != "closed", c.received_at.between(*span))
@@ -327,20 +330,23 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
     by_cluster = defaultdict(list)
     for row in first:
         by_cluster[row.cluster_key].append(row)
-    unlike = set()  # clusters of more cases than compared, which some arrival is like none of
-    for key, rows in by_cluster.items():
-        if rows[0].size <= len(rows):
-            continue
+    partial = {key: rows for key, rows in by_cluster.items() if rows[0].size > len(rows)}  # not all read
+    unions = ClusterWords.read(session, partial)
+    unlike = set()  # clusters read in part, which some arrival is like none of those read to
+    for key, rows in partial.items():
         shard = (rows[0].street, rows[0].category)
         for arrival in by_shard[shard]:
             arrival_words = WORDS.put(arrival.case_id, arrival.title, arrival.description)
-            if not any(
+            if any(
                 abs(row.received_at - arrival.received_at) <= window
                 and similarity(arrival_words, words[row.case_id]) >= threshold
                 for row in rows
             ):
-                unlike.add(key)
-                break
+                continue
+            if key in unions.words and not could_be_like(arrival_words, unions.words[key], threshold):
+                continue  # shares too few words with the whole cluster to be like any of its cases
+            unlike.add(key)
+            break
     rows = [row for row in first if row.cluster_key not in unlike]
     if unlike:
         rest = [
@@ -354,15 +360,101 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
         ]
         words.update(WORDS.of(session, [row.case_id for row in rest]))
         rows += rest
+        unions.read_whole(session, unlike)
     peers = defaultdict(list)
     for row in sorted(rows, key=lambda row: (row.received_at, row.case_id)):
         peers[(row.street, row.category)].append(
             _Peer(row.received_at, row.case_id, row.cluster_key, words[row.case_id])
         )
-    return peers
+    return peers, unions
 
 
-def _join(session, arrivals: list, peers: list[_Peer], window: timedelta, settings: dict, keys: dict) -> None:
+class ClusterWords:
+    """The words of the clusters a batch meets (``supervision_cluster_words``), kept a superset of
+    the words of every case of the cluster, whatever its status or age (a closed case may be
+    reopened; an old ticket may arrive late): read for the clusters not read whole, written whole
+    for a cluster the first time it has to be read whole, grown as cases join, and forgotten when
+    clusters merge (written whole again when next needed). Written at the end of the batch."""
+
+    def __init__(self, words: dict[str, frozenset]):
+        self.words, self.changed, self.forgotten = words, set(), set()
+        self.appended: dict[str, frozenset] = {}  # joined, not read: added to the row if there is one
+
+    @classmethod
+    def read(cls, session, keys) -> "ClusterWords":
+        found = {}
+        keys = sorted(keys)
+        for start in range(0, len(keys), 1000):
+            for key, text in session.execute(
+                select(cluster_words.c.cluster_key, cluster_words.c.words).where(
+                    cluster_words.c.cluster_key.in_(keys[start : start + 1000])
+                )
+            ):
+                found[key] = frozenset(text.split("\n"))
+        return cls(found)
+
+    def read_whole(self, session, keys) -> None:
+        """The words of every case of these clusters, from the projection (and WORDS)."""
+        c, members = case_projection.c, defaultdict(list)
+        keys = sorted(keys)
+        for start in range(0, len(keys), 1000):
+            for key, case_id in session.execute(
+                select(c.cluster_key, c.case_id).where(c.cluster_key.in_(keys[start : start + 1000]))
+            ):
+                members[key].append(case_id)
+        words = WORDS.of(session, [case_id for ids in members.values() for case_id in ids])
+        for key in keys:
+            self.words[key] = frozenset().union(*(words[case_id] for case_id in members[key]))
+            self.changed.add(key)
+
+    def grow(self, key: str, more: frozenset) -> None:
+        """A case with the words ``more`` joined the cluster ``key``."""
+        if key in self.words:
+            if not more <= self.words[key]:
+                self.words[key] |= more
+                self.changed.add(key)
+        elif key not in self.forgotten:
+            self.appended[key] = self.appended.get(key, frozenset()) | more
+
+    def forget(self, keys) -> None:
+        for key in keys:
+            self.words.pop(key, None)
+            self.appended.pop(key, None)
+            self.changed.discard(key)
+            self.forgotten.add(key)
+
+    def save(self, session) -> None:
+        t = cluster_words.c
+        if self.forgotten:
+            session.execute(delete(cluster_words).where(t.cluster_key.in_(sorted(self.forgotten))))
+        rows = [
+            dict(cluster_key=key, words="\n".join(sorted(self.words[key])), updated_at=now())
+            for key in sorted(self.changed)
+        ]
+        if rows:
+            statement = dialect_insert(session, cluster_words)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[t.cluster_key],
+                    set_={"words": statement.excluded.words, "updated_at": statement.excluded.updated_at},
+                ),
+                rows,
+            )
+        if self.appended:  # only a cluster with a row has one to keep whole (repeated words are harmless)
+            session.execute(
+                update(cluster_words)
+                .where(t.cluster_key == bindparam("b_key"))
+                .values(words=t.words + "\n" + bindparam("b_more"), updated_at=bindparam("b_at")),
+                [
+                    {"b_key": key, "b_more": "\n".join(sorted(more)), "b_at": now()}
+                    for key, more in sorted(self.appended.items())
+                ],
+            )
+
+
+def _join(
+    session, arrivals: list, peers: list[_Peer], window: timedelta, settings: dict, keys: dict, unions: ClusterWords
+) -> None:
     """The arrivals of one shard join its clusters, in order; ``keys`` gets each one's key."""
     for case in arrivals:
         words = WORDS.put(case.case_id, case.title, case.description)
@@ -382,6 +474,9 @@ def _join(session, arrivals: list, peers: list[_Peer], window: timedelta, settin
                 if peer.key in joined[1:]:
                     peer.key = key
             keys.update({case_id: key for case_id, old in keys.items() if old in joined[1:]})
+            unions.forget(joined)  # read whole when next needed
+        if joined:
+            unions.grow(key, words)
         keys[case.case_id] = key
         bisect.insort(peers, _Peer(case.received_at, case.case_id, key, words), key=_order)
 

@@ -92,3 +92,57 @@ def test_batched_clusters_are_those_of_all_pairs(db, seed):
     all_pairs = {key: set(ids) for key, ids in clusters(members, 30, 0.2).values()}
     assert partition(kept.values()) == partition(all_pairs.values())
     assert max(len(group) for group in kept.values()) > projection.FIRST_COMPARED  # big clusters were met
+
+
+def test_a_cluster_read_whole_once_is_then_skipped_by_its_words_and_still_joined_through_an_old_case(db, monkeypatch):
+    sessions = sessionmaker(db)
+    read_whole = []
+    real = projection.ClusterWords.read_whole
+    monkeypatch.setattr(
+        projection.ClusterWords, "read_whole", lambda self, s, keys: (read_whole.append(set(keys)), real(self, s, keys))
+    )
+
+    def arrive(number: int, text: str, day: float):
+        received = START + timedelta(days=day)
+        event = {
+            "event_id": str(uuid.uuid4()),
+            "case_id": f"LG-2026-{number:06d}",
+            "source": "hotline-12345",
+            "channel": "amqp",
+            "title": text[:12],
+            "description": text[12:],
+            "street": "buji",
+            "category": "traffic",
+            "received_at": received.isoformat(),
+        }
+        with sessions.begin() as session:
+            projection.record_cases_received(session, [event], SETTINGS)
+        with sessions() as session:
+            return session.execute(
+                select(case_projection.c.cluster_key).where(case_projection.c.case_id == event["case_id"])
+            ).scalar()
+
+    # The oldest case shares words with the second only; each later one with the one before it.
+    chain = [
+        "甲乙丙丁戊己庚辛",
+        "丁戊己庚辛壬癸子",
+        "庚辛壬癸子丑寅卯",
+        "癸子丑寅卯辰巳午",
+        "寅卯辰巳午未申酉",
+        "巳午未申酉戌亥天",
+    ]
+    keys = {arrive(n, text, day=n * 0.1) for n, text in enumerate(chain)}
+    assert len(keys) == 1  # one cluster of six, more than FIRST_COMPARED
+    [cluster] = keys
+    assert read_whole == []  # each new case was like the most recent ones
+
+    assert arrive(10, "公交线路调整换乘不便等车太久", day=1) != cluster
+    assert read_whole == [{cluster}]  # unlike its recent cases: read whole, and its words kept
+    with sessions() as session:
+        assert session.execute(select(projection.cluster_words.c.cluster_key)).scalars().all() == [cluster]
+
+    assert arrive(11, "地铁站缺少除颤仪急救设备", day=1.1) != cluster
+    assert read_whole == [{cluster}]  # too few of its words: not read again
+
+    # Like only the oldest case (not among the three most recent): its words let it through.
+    assert arrive(12, "甲乙丙丁戊己庚辛", day=1.2) == cluster
