@@ -26,8 +26,12 @@ KIND_NAMES = {"agenda": "民主监督议题", "joint_supervision": "联合督查
 LIFECYCLE = ("proposed", "scheduled", "under_supervision", "concluded")
 
 
-def apply(session, to_apply: list[Decision], now) -> list[Decision]:
-    """Carry out the decisions not taken before; returns those newly taken.
+def apply(session, to_apply: list[Decision], now, growth_among=None) -> list[Decision]:
+    """Carry out the decisions not taken before; returns those newly taken. ``growth_among``:
+    when given, a cluster item taken before gains only those of these cases it lacks (the cases
+    events just changed: its other cases were linked when they changed, or are by the next sweep,
+    which evaluates every cluster changed since its last pass), not every case of the cluster
+    looked up again — for a cluster of thousands, every evaluation after events.
 
     Done a batch at a time, in a few multi-row statements (a backlog's first sweep takes tens of
     thousands): a case's own agenda item is numbered before its decision is recorded, so the
@@ -47,7 +51,9 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
         agenda_id = item_ids.get(decision.key)
         if decision.scope == "cluster" and decision.action in AGENDA_KIND:
             if known.get(decision.key):
-                growing.append((decision, known[decision.key]))
+                among = [c for c in decision.case_ids if growth_among is None or c in growth_among]
+                if among:
+                    growing.append((decision, known[decision.key], among))
             else:  # recorded just now (or a moment ago by another replica)
                 agenda_id, new_cases = _ensure_item(session, decision, now, cases, linked)
                 if decision.key in first_time:
@@ -69,19 +75,20 @@ def apply(session, to_apply: list[Decision], now) -> list[Decision]:
 LINKS_PER_STATEMENT = 1000  # three parameters each: well under SQLite's limit of 32,766
 
 
-def _grow_cluster_items(session, growing: list[tuple[Decision, str]], now) -> dict[str, list[str]]:
-    """Each cluster item of ``growing`` — ``(its decision, taken before; the item)`` — gains those
-    of its decision's cases (the cluster's unresolved cases, as evaluated) that are on no cluster
-    item of its kind and rule yet. Which are is read together, by case id (``_cluster_items``);
+def _grow_cluster_items(session, growing: list[tuple[Decision, str, list]], now) -> dict[str, list[str]]:
+    """Each cluster item of ``growing`` — ``(its decision, taken before; the item; the cases to
+    check)`` — gains those of the cases to check (the cluster's unresolved cases, as evaluated, or
+    those of them events just changed) that are on no cluster item of its kind and rule yet.
+    Which are is read together, by case id (``_cluster_items``);
     they are linked by multi-row inserts. Returns ``{item: the cases it gained}``.
 
     (Asking the database for each cluster's unlinked cases instead read every decided cluster's
     cases again on every whole pass: 1,000,000 open cases took minutes a pass, not seconds.)"""
-    linked = _cluster_items(session, [decision for decision, _ in growing])
+    linked = _cluster_items(session, [decision for decision, _, _ in growing], [among for _, _, among in growing])
     links = [
         {"agenda_id": agenda_id, "case_id": case_id, "added_at": now}
-        for decision, agenda_id in growing
-        for case_id in decision.case_ids
+        for decision, agenda_id, among in growing
+        for case_id in among
         if (AGENDA_KIND[decision.action], decision.rule_id, case_id) not in linked
     ]
     c, added = case_projection.c, defaultdict(list)
@@ -179,12 +186,15 @@ def _already_taken(session, to_apply: list[Decision]) -> dict:
     return known
 
 
-def _cluster_items(session, to_apply: list[Decision]) -> dict:
+def _cluster_items(session, to_apply: list[Decision], case_lists=None) -> dict:
     """``(kind, rule, case) → agenda item`` for the cases of these clusters already linked to a
     cluster item, read together: a cluster whose cases all are has nothing to add, and one with
     some finds its item here. (Driven by the case ids: asking per decision by kind and rule made
     PostgreSQL walk every item of that kind for each new cluster.)"""
-    case_ids = sorted({c for d in to_apply if d.scope == "cluster" and d.action in AGENDA_KIND for c in d.case_ids})
+    case_lists = case_lists if case_lists is not None else [d.case_ids for d in to_apply]
+    case_ids = sorted(
+        {c for d, ids in zip(to_apply, case_lists) if d.scope == "cluster" and d.action in AGENDA_KIND for c in ids}
+    )
     linked: dict = {}
     for start in range(0, len(case_ids), 1000):
         for kind, rule_id, case_id, agenda_id in session.execute(

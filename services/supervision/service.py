@@ -98,7 +98,8 @@ class SupervisionService(ServiceBase):
         applying = self.state.setdefault("applying", threading.Lock())
         for start in range(0, len(decided), APPLY_BATCH):
             with applying, self.db.begin() as session:
-                taken += escalation.apply(session, decided[start : start + APPLY_BATCH], now())
+                batch = decided[start : start + APPLY_BATCH]
+                taken += escalation.apply(session, batch, now(), set(case_ids) if case_ids is not None else None)
         if taken:
             self.publish_events()
         return {

@@ -94,12 +94,13 @@ def world(db):
                 source="hotline-12345",
             )
 
-        def sweep(self, when, case_ids=None):
+        def sweep(self, when, case_ids=None, growth_among=None):
             with sessions() as session:
                 _, decided = evaluation.evaluate(session, loaded.rules, loaded.calendar, at(when), case_ids)
             decided.sort(key=lambda d: d.key)
             with sessions.begin() as session:
-                return [(d.rule_id, d.action, tuple(d.case_ids)) for d in escalation.apply(session, decided, at(when))]
+                taken = escalation.apply(session, decided, at(when), growth_among)
+                return [(d.rule_id, d.action, tuple(d.case_ids)) for d in taken]
 
         def explain(self, case_id, when):
             with sessions() as session:
@@ -234,6 +235,23 @@ def test_five_similar_cases_become_one_agenda_item_and_ten_a_special_inspection(
     with world.sessionmaker() as session:
         linked = session.execute(select(agenda.c.kind, func.count()).join(agenda_cases).group_by(agenda.c.kind)).all()
     assert dict(linked) == {"agenda": 10, "special_inspection": 10}  # the agenda item grew with its cluster
+
+
+def test_after_events_a_cluster_item_gains_the_cases_evaluated_and_the_sweep_the_rest(world):
+    def linked():
+        with world.sessionmaker() as session:
+            return set(session.execute(select(agenda_cases.c.case_id)).scalars())
+
+    for i, title in enumerate(HAIJIXING[:5]):
+        world.case(f"H-{i}", title=title, category="traffic", street="pinghu", due="2026-12-31T23:59:59+08:00")
+    assert [a for _, a, _ in world.sweep("2026-09-30T09:00:00")] == ["add_to_agenda"]
+    for i in (5, 6):
+        world.case(f"H-{i}", title=HAIJIXING[i], category="traffic", street="pinghu", due="2026-12-31T23:59:59+08:00")
+    # evaluated after H-5's event: the item gains H-5, and H-6 is left to its own event or the sweep
+    assert world.sweep("2026-09-30T09:00:00", case_ids=["H-5"], growth_among={"H-5"}) == []
+    assert linked() == {f"H-{i}" for i in range(6)}
+    assert world.sweep("2026-09-30T09:00:00") == []
+    assert linked() == {f"H-{i}" for i in range(7)}
 
 
 def test_concurrent_sweeps_take_each_decision_once(world):
