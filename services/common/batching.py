@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 200
 # One batch at a time per entrypoint: what arrives meanwhile makes the next batch, so batches grow
-# with the load and nothing waits when it is light. Two in flight halved the batches for little
-# overlap on two cores (bench/e2e.py, 200 cases/s after a 6,000-case burst: p99 682 → 585 ms, the
-# burst 0.30 → 0.32 of the raw broker, 10 cases/s unchanged at 32 ms).
+# with the load and nothing waits when it is light. Two in flight made smaller batches for little
+# overlap on two cores (bench/e2e.py, 30 Nov, p99 at 200 cases/s with 17,000 cases open: 428 → 341
+# ms with HUIYING_BATCH_GATHER_MS=50; 947 → 1,028 ms without, within a run's noise; 10 cases/s
+# unchanged).
 MAX_BATCHES_IN_FLIGHT = 1
 
 
