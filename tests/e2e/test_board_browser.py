@@ -54,7 +54,9 @@ def demo(rabbit_config, tmp_path):
 
 
 def test_the_demo_replays_the_scenario_and_the_board_shows_it(demo):
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     summary, narration = demo
     # What the scenario promises, each at least once.
@@ -80,7 +82,12 @@ def test_the_demo_replays_the_scenario_and_the_board_shows_it(demo):
         assert "/board/login" in browser.current_url
         browser.find_element(By.ID, "key").send_keys(key)
         browser.find_element(By.ID, "sign-in").click()
-        assert browser.current_url.rstrip("/").endswith("/board")
+        # click() may return before the form's POST has navigated (a CI run read the login URL)
+        try:
+            WebDriverWait(browser, 15).until(lambda b: b.current_url.rstrip("/").endswith("/board"))
+        except TimeoutException:
+            page = browser.find_element(By.TAG_NAME, "body").text[:300]
+            raise AssertionError(f"still at {browser.current_url}: {page}") from None
 
         figure = lambda element_id: int(browser.find_element(By.ID, element_id).text)  # noqa: E731
         assert figure("cases-received") == overview["cases_received"]
@@ -100,6 +107,7 @@ def test_the_demo_replays_the_scenario_and_the_board_shows_it(demo):
         browser.save_screenshot(str(SCREENSHOTS / "board-overview.png"))
 
         browser.find_element(By.ID, "nav-departments").click()
+        WebDriverWait(browser, 15).until(lambda b: b.find_elements(By.ID, "rates"))
         for row in rates:
             cells = browser.find_elements(By.CSS_SELECTOR, f"#rates tr[data-department='{row['department']}'] td")
             assert int(cells[1].text) == row["referred"]
@@ -112,17 +120,19 @@ def test_the_demo_replays_the_scenario_and_the_board_shows_it(demo):
         browser.save_screenshot(str(SCREENSHOTS / "board-departments.png"))
 
         browser.find_element(By.ID, "nav-agenda").click()
+        WebDriverWait(browser, 15).until(lambda b: b.find_elements(By.ID, "agenda"))
         rows = browser.find_elements(By.CSS_SELECTOR, "#agenda tbody tr")
         assert len(rows) == len(agenda)
         inspection = next(i for i in agenda if i["kind"] == "special_inspection")
         row = browser.find_element(By.CSS_SELECTOR, f"#agenda tr[data-item='{inspection['id']}']")
         assert inspection["rule_id"] in row.text
         row.find_element(By.CSS_SELECTOR, "a.case").click()
+        WebDriverWait(browser, 15).until(lambda b: b.find_elements(By.ID, "timeline"))
         assert browser.find_elements(By.CSS_SELECTOR, "#timeline li")
         browser.save_screenshot(str(SCREENSHOTS / "board-case.png"))
 
         browser.find_element(By.ID, "language").click()
-        assert "Whole-process record" in browser.page_source
+        WebDriverWait(browser, 15).until(lambda b: "Whole-process record" in b.page_source)
 
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
         assert errors == []
