@@ -42,7 +42,7 @@ import psycopg2
 import requests
 from kombu import Connection, Producer
 
-from bench.profiling import Sampler
+from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
 from huiying.mail_sink import SmtpSink
 from tests.conftest import DEMO_DIRECTORY, Receiver
@@ -352,30 +352,25 @@ def main():
         report["raw_broker_without_confirms"] = raw_broker(stack.amqp_uri, args.raw_messages, confirm=False)
         stack.up()
         senders, watcher, meter = Senders(stack, stack.keys["hotline"]), Watcher(stack), Meter(stack, smtp)
-        profiled = lambda run: Sampler(pids, Path.cwd(), f"bench-e2e-{run}") if args.profile else None  # noqa: E731
         pids = {service: stack.pid(service) for service in SERVICES}
-        sampler = profiled("burst")
-        if sampler:
-            sampler.start()
-        meter.start()
-        started = time.perf_counter()
-        report["burst"] = run(stack, senders, watcher, "B", args.burst, 0, args.http_share, timeout=900)
-        stack.wait_settled(timeout=900, quiet_for=1)  # notify's e-mails too
-        report["burst"]["all_work_done_s"] = round(time.perf_counter() - started - 1, 1)
-        report["burst"] |= meter.stop(args.burst)
-        report["burst"]["all_work_done_per_s"] = round(args.burst / report["burst"]["all_work_done_s"], 1)
-        if sampler:
-            report["burst"]["profile"] = sampler.stop()
+        with sampled(args.profile, pids, "bench-e2e-burst") as profile:
+            meter.start()
+            started = time.perf_counter()
+            report["burst"] = run(stack, senders, watcher, "B", args.burst, 0, args.http_share, timeout=900)
+            stack.wait_settled(timeout=900, quiet_for=1)  # notify's e-mails too
+            report["burst"]["all_work_done_s"] = round(time.perf_counter() - started - 1, 1)
+            report["burst"] |= meter.stop(args.burst)
+            report["burst"]["all_work_done_per_s"] = round(args.burst / report["burst"]["all_work_done_s"], 1)
+        if profile:
+            report["burst"]["profile"] = profile
         for n, rate in enumerate(float(r) for r in args.rates.split(",")):
             count = int(rate * args.seconds)
-            sampler = profiled(f"steady-{rate:g}")
-            if sampler:
-                sampler.start()
             name = f"steady_{rate:g}_per_s"
-            meter.start()
-            report[name] = run(stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900)
-            if sampler:
-                report[name]["profile"] = sampler.stop()
+            with sampled(args.profile, pids, f"bench-e2e-steady-{rate:g}") as profile:
+                meter.start()
+                report[name] = run(stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900)
+            if profile:
+                report[name]["profile"] = profile
             stack.wait_settled(timeout=900, quiet_for=1)  # the next run starts with nothing behind
             # all of these cases' work, and what idling costs: small batches cost more per case
             report[name] |= meter.stop(count)

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 RATE = 50  # samples a second: enough for shares over tens of seconds, a few % of a core
@@ -39,6 +40,22 @@ class Sampler:
         for spy in self.spies:
             spy.wait(60)
         return {name: top(path, shown) for name, path in self.files.items() if path.exists()}
+
+
+@contextmanager
+def sampled(enabled: bool, pids: dict[str, int], prefix: str):
+    """``with sampled(args.profile, pids, "bench-e2e-burst") as profile:`` — py-spy on the
+    processes while the block runs, when ``enabled``; ``profile`` is then filled with each one's
+    ``top`` (and stays empty when not enabled). The stacks go to the current directory."""
+    profile: dict = {}
+    sampler = Sampler(pids, Path.cwd(), prefix) if enabled else None
+    if sampler:
+        sampler.start()
+    try:
+        yield profile
+    finally:
+        if sampler:
+            profile.update(sampler.stop())
 
 
 def top(path: Path, shown: int = 12) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 import psycopg2
 import requests
 
-from bench.profiling import Sampler
+from bench.profiling import sampled
 from services.common.migrations import upgrade
 from services.common.timeutil import now
 from tests.conftest import DEMO_DIRECTORY, free_port
@@ -103,22 +103,21 @@ def connections(vhost: str) -> list[str]:
 def sweep_pass(db, process, timeout: float, prepare: str, profile: bool = False) -> dict:
     """Run ``prepare`` (SQL marking shards due), then wait until every shard has been swept
     (with ``profile``, py-spy samples the process meanwhile: bench/profiling.py)."""
-    sampler = Sampler({"supervision": process.pid}, Path.cwd(), "bench-sweep") if profile else None
-    if sampler:
-        sampler.start()
-    with db.cursor() as cursor:
-        cursor.execute(prepare)
-        cursor.execute("SELECT count(*) FROM supervision_decisions")
-        decisions_before = cursor.fetchone()[0]
-    started = time.perf_counter()
-    while time.perf_counter() - started < timeout and process.poll() is None:
+    with sampled(profile, {"supervision": process.pid}, "bench-sweep") as profiled:
         with db.cursor() as cursor:
-            cursor.execute("SELECT count(*) FROM supervision_sweep_shards WHERE swept_at IS NULL OR owner IS NOT NULL")
-            if cursor.fetchone()[0] == 0:
-                break
-        time.sleep(0.2)
-    seconds = time.perf_counter() - started
-    profiled = sampler.stop().get("supervision") if sampler else None
+            cursor.execute(prepare)
+            cursor.execute("SELECT count(*) FROM supervision_decisions")
+            decisions_before = cursor.fetchone()[0]
+        started = time.perf_counter()
+        while time.perf_counter() - started < timeout and process.poll() is None:
+            with db.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM supervision_sweep_shards WHERE swept_at IS NULL OR owner IS NOT NULL"
+                )
+                if cursor.fetchone()[0] == 0:
+                    break
+            time.sleep(0.2)
+        seconds = time.perf_counter() - started
     with db.cursor() as cursor:
         # The sweep's own time: from the first shard's start to the last shard's end (the wall
         # time above also holds the wait for the service's next timer tick, up to 5 s).
@@ -133,7 +132,7 @@ def sweep_pass(db, process, timeout: float, prepare: str, profile: bool = False)
         "sweep_s": round(float(sweep_seconds), 1),
         "evaluated": evaluated,
         "new_decisions": decisions,
-    } | ({"profile": profiled} if profiled else {})
+    } | ({"profile": profiled["supervision"]} if profiled.get("supervision") else {})
 
 
 def main():

@@ -85,6 +85,9 @@ class Batching:
 
     def setup(self):
         super().setup()
+        # HUIYING_BATCH_GATHER_MS: under a sustained load, waiting a moment for more makes fewer,
+        # larger batches — fewer transactions and messages per case (bench/e2e.py, README).
+        self._gather_seconds = self.container.config.get("BATCH_GATHER_SECONDS", 0)
         self._waiting = []  # (item, message): received, not yet given to a worker
         self._alone = []  # items of a failed batch, each to be tried in a worker of its own
         self._tallies: dict = {}  # message → _Tally
@@ -124,11 +127,8 @@ class Batching:
         self.container.spawn_managed_thread(self._flush, identifier=f"{type(self).__name__}.flush")
 
     def _flush(self):
-        # HUIYING_BATCH_GATHER_MS: under a sustained load, waiting a moment for more makes fewer,
-        # larger batches — fewer transactions and messages per case (bench/e2e.py, README).
-        gather = getattr(self.container, "config", {}).get("BATCH_GATHER_SECONDS", 0)
-        if gather and len(self._waiting) < self.max_batch:
-            eventlet.sleep(gather)
+        if self._gather_seconds and len(self._waiting) < self.max_batch:
+            eventlet.sleep(self._gather_seconds)
         self._flush_scheduled = False
         while self._in_flight < MAX_BATCHES_IN_FLIGHT and (self._waiting or self._alone):
             if self._alone:

@@ -136,17 +136,10 @@ class IntakeService(ServiceBase):
         self.publish_events()
         return summary
 
-    @rpc(expected_exceptions=(NotFound,))
-    def get_reporter_contact(self, case_id: str) -> dict:
-        """The reporter's phone, unmasked: for notify's SMS to the citizen, and nothing else."""
-        with self.db() as session:
-            row = cases.get_case_row(session, case_id)
-        return {"phone": row.reporter_phone}
-
     @rpc
     def get_reporter_contacts(self, case_ids: list) -> dict:
-        """``{case id: {"phone"}}`` for many cases in one call (notify asks once per batch of
-        events; an unknown case is left out)."""
+        """``{case id: {"phone"}}``, unmasked: for notify's SMS to the citizen, and nothing else
+        (asked once per batch of events; an unknown case is left out)."""
         with self.db() as session:
             return {case_id: {"phone": phone} for case_id, phone in cases.reporter_phones(session, case_ids).items()}
 

@@ -40,7 +40,9 @@ def apply(session, to_apply: list[Decision], now, growth_among=None) -> list[Dec
     all the clusters of a rule (``_grow_cluster_items``)."""
     known = _already_taken(session, to_apply)
     fresh = [d for d in to_apply if d.key not in known]
-    linked = _cluster_items(session, [d for d in fresh if d.scope == "cluster"])
+    linked = _cluster_items(
+        session, [c for d in fresh if d.scope == "cluster" and d.action in AGENDA_KIND for c in d.case_ids]
+    )
     cases = _cases(session, fresh)
     own_items = [d for d in fresh if d.action in AGENDA_KIND and d.scope == "case"]
     item_ids = dict(zip((d.key for d in own_items), _next_agenda_ids(session, now, len(own_items))))
@@ -84,7 +86,7 @@ def _grow_cluster_items(session, growing: list[tuple[Decision, str, list]], now)
 
     (Asking the database for each cluster's unlinked cases instead read every decided cluster's
     cases again on every whole pass: 1,000,000 open cases took minutes a pass, not seconds.)"""
-    linked = _cluster_items(session, [decision for decision, _, _ in growing], [among for _, _, among in growing])
+    linked = _cluster_items(session, [case_id for _, _, among in growing for case_id in among])
     links = [
         {"agenda_id": agenda_id, "case_id": case_id, "added_at": now}
         for decision, agenda_id, among in growing
@@ -186,15 +188,12 @@ def _already_taken(session, to_apply: list[Decision]) -> dict:
     return known
 
 
-def _cluster_items(session, to_apply: list[Decision], case_lists=None) -> dict:
-    """``(kind, rule, case) → agenda item`` for the cases of these clusters already linked to a
-    cluster item, read together: a cluster whose cases all are has nothing to add, and one with
-    some finds its item here. (Driven by the case ids: asking per decision by kind and rule made
-    PostgreSQL walk every item of that kind for each new cluster.)"""
-    case_lists = case_lists if case_lists is not None else [d.case_ids for d in to_apply]
-    case_ids = sorted(
-        {c for d, ids in zip(to_apply, case_lists) if d.scope == "cluster" and d.action in AGENDA_KIND for c in ids}
-    )
+def _cluster_items(session, case_ids) -> dict:
+    """``(kind, rule, case) → agenda item`` for those of these cases already linked to a cluster
+    item, read together: a cluster whose cases all are has nothing to add, and one with some finds
+    its item here. (Driven by the case ids: asking per decision by kind and rule made PostgreSQL
+    walk every item of that kind for each new cluster.)"""
+    case_ids = sorted(set(case_ids))
     linked: dict = {}
     for start in range(0, len(case_ids), 1000):
         for kind, rule_id, case_id, agenda_id in session.execute(

@@ -96,10 +96,10 @@ class SupervisionService(ServiceBase):
         # evaluation after events meet the same clusters, and each would only wait for the
         # other's locks on the same decisions and agenda links (replicas still may, rarely).
         applying = self.state.setdefault("applying", threading.Lock())
+        growth_among = set(case_ids) if case_ids is not None else None
         for start in range(0, len(decided), APPLY_BATCH):
             with applying, self.db.begin() as session:
-                batch = decided[start : start + APPLY_BATCH]
-                taken += escalation.apply(session, batch, now(), set(case_ids) if case_ids is not None else None)
+                taken += escalation.apply(session, decided[start : start + APPLY_BATCH], now(), growth_among)
         if taken:
             self.publish_events()
         return {
@@ -449,9 +449,8 @@ class SupervisionService(ServiceBase):
         require_staff(actor, "the board")
         return actor
 
-    def _page(self, request, template, names=None, **context):
-        names = names or self._names()
-        return board.render(request, template, signed_in=True, names=names, **context)
+    def _page(self, request, template, **context):
+        return board.render(request, template, signed_in=True, names=self._names(), **context)
 
     def _names(self) -> dict:
         """The directory's names of streets, categories and departments, by code (asked of intake,
@@ -500,7 +499,6 @@ class SupervisionService(ServiceBase):
         return self._page(
             request,
             "overview.html",
-            names=names,
             data=data,
             period=data["period"],
             weekly=board.grouped_bars(data["weeks"], "week", ["open", "overdue"]),

@@ -15,6 +15,7 @@ class FakeContainer:
 
     def __init__(self, handler):
         self.handler, self.threads, self.batches = handler, [], []
+        self.config = {}  # the service's nameko config
 
     def spawn_managed_thread(self, fn, identifier=None):
         self.threads.append(fn)
@@ -217,9 +218,10 @@ def test_with_a_gather_time_a_batch_waits_for_what_arrives_meanwhile_and_without
     import eventlet
 
     def batches_of_two_arriving_apart(gather_seconds):
-        point = entrypoint(lambda items: None)
+        point = Entrypoint(lambda items: None)
         point.container.config = {"BATCH_GATHER_SECONDS": gather_seconds}
         point.container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
+        point.setup()
         point.handle_message(1, "m1")
         eventlet.sleep(0.02)  # the first message's flush has run, or is gathering
         point.handle_message(2, "m2")
