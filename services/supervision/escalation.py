@@ -11,7 +11,7 @@ from collections import defaultdict
 from sqlalchemy import select, update
 
 from services.common.http import Conflict, NotFound, ValidationFailed
-from services.common.outbox import add_event
+from services.common.outbox import add_event, add_events
 from services.common.timeutil import CST, iso
 from services.common.upsert import dialect_insert, insert_ignoring_duplicates, insert_many_ignoring_duplicates
 from services.supervision.evaluation import Decision
@@ -49,6 +49,7 @@ def apply(session, to_apply: list[Decision], now, growth_among=None) -> list[Dec
     first_time = _record(session, fresh, item_ids, now)
     _make_own_items(session, [d for d in own_items if d.key in first_time], item_ids, now, cases)
     taken, growing = [], []
+    events = []  # queued together at the end, in one statement: a batch may grow hundreds of items
     for decision in to_apply:
         agenda_id = item_ids.get(decision.key)
         if decision.scope == "cluster" and decision.action in AGENDA_KIND:
@@ -65,12 +66,13 @@ def apply(session, to_apply: list[Decision], now, growth_among=None) -> list[Dec
                         .values(agenda_id=agenda_id)
                     )
                 elif new_cases:
-                    add_event(session, outbox, "agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases})
+                    events.append(("agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases}))
         if decision.key in first_time:
-            _announce(session, decision, agenda_id, cases)
+            events.append(_announcement(decision, agenda_id, cases))
             taken.append(decision)
     for agenda_id, new_cases in _grow_cluster_items(session, growing, now).items():
-        add_event(session, outbox, "agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases})
+        events.append(("agenda_cases_added", {"agenda_id": agenda_id, "case_ids": new_cases}))
+    add_events(session, outbox, events)
     return taken
 
 
@@ -223,7 +225,8 @@ def _departments(cases: dict, case_ids) -> list[str]:
     return sorted({d for c in case_ids if c in cases for d in (cases[c].departments or [])})
 
 
-def _announce(session, decision: Decision, agenda_id, cases: dict):
+def _announcement(decision: Decision, agenda_id, cases: dict) -> tuple[str, dict]:
+    """The event that tells of a decision just taken: ``(event type, payload)``."""
     base = {
         "rule_id": decision.rule_id,
         "ruleset_version": decision.ruleset_version,
@@ -233,24 +236,17 @@ def _announce(session, decision: Decision, agenda_id, cases: dict):
         "evaluated_at": iso(decision.evaluated_at),
     }
     if decision.action in AGENDA_KIND:
-        add_event(
-            session,
-            outbox,
-            "case_escalated",
-            base
-            | {
-                "action": decision.action,
-                "kind": AGENDA_KIND[decision.action],
-                "agenda_id": agenda_id,
-                "departments": _departments(cases, decision.case_ids),
-            },
-        )
-    elif decision.action == "remind_department":
-        add_event(session, outbox, "department_reminded", base | {"referrals": decision.details.get("referrals", [])})
-    elif decision.action == "alert_supervisors":
-        add_event(
-            session, outbox, "supervisors_alerted", base | {"departments": _departments(cases, decision.case_ids)}
-        )
+        return "case_escalated", base | {
+            "action": decision.action,
+            "kind": AGENDA_KIND[decision.action],
+            "agenda_id": agenda_id,
+            "departments": _departments(cases, decision.case_ids),
+        }
+    if decision.action == "remind_department":
+        return "department_reminded", base | {"referrals": decision.details.get("referrals", [])}
+    if decision.action == "alert_supervisors":
+        return "supervisors_alerted", base | {"departments": _departments(cases, decision.case_ids)}
+    raise ValueError(f"no announcement for the action {decision.action!r}")
 
 
 def _next_agenda_ids(session, now, count: int) -> list[str]:
