@@ -146,3 +146,20 @@ def test_a_cluster_read_whole_once_is_then_skipped_by_its_words_and_still_joined
 
     # Like only the oldest case (not among the three most recent): its words let it through.
     assert arrive(12, "甲乙丙丁戊己庚辛", day=1.2) == cluster
+
+    # Like the cluster's most recent case and the lone case 10: the two merge, and the merged
+    # cluster keeps the words of both, so that the next arrival unlike its recent cases is
+    # still sorted out by its words, without reading all its cases again.
+    merged = arrive(13, "巳午未申酉戌亥天公交线路调整换乘", day=1.3)
+    with sessions() as session:
+        lone = session.execute(
+            select(case_projection.c.cluster_key).where(case_projection.c.case_id == "LG-2026-000010")
+        ).scalar()
+        t = projection.cluster_words.c
+        [(key, words)] = session.execute(select(t.cluster_key, t.words))
+    assert lone == merged and key == merged
+    assert set(words.split("\n")) >= bigrams("公交线路调整换乘不便等车太久") | bigrams("甲乙丙丁戊己庚辛")
+    reads = len(read_whole)
+    assert arrive(14, "地铁站缺少除颤仪急救设备", day=1.4) != merged
+    assert len(read_whole) == reads  # the merged cluster's words sufficed
+    assert arrive(15, "甲乙丙丁戊己庚辛", day=1.5) == merged  # and still lead to its oldest case
