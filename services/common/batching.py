@@ -19,6 +19,7 @@ is at least once — because an item of a failed batch is handled again.
 
 import logging
 import threading
+import time
 from functools import partial
 
 import eventlet
@@ -263,12 +264,20 @@ class InBackground:
     workers do not wait for it. A run starts ``gather_seconds`` after the first item arrives, with
     every item handed over by then; items handed over during a run go in the next. What a failed
     run held is logged and dropped: for work that something else catches up on (supervision's
-    evaluation after events, which the periodic sweep repeats)."""
+    evaluation after events, which the periodic sweep repeats).
 
-    def __init__(self, what: str, gather_seconds: float = 0.0):
-        self.what, self.gather_seconds = what, gather_seconds
+    ``at_most_share`` keeps the runs to that share of the time when they grow long: the next run
+    gathers for at least ``(1 / share - 1)`` times as long as the previous one took. Under load,
+    runs then take more items each instead of running back to back and taking the CPU from the
+    work that waits on them; when they are quick, ``gather_seconds`` rules."""
+
+    def __init__(self, what: str, gather_seconds: float = 0.0, at_most_share: float = 1.0, clock=time.monotonic):
+        if not 0 < at_most_share <= 1:
+            raise ValueError("at_most_share must be in (0, 1]")
+        self.what, self.gather_seconds, self.at_most_share, self.clock = what, gather_seconds, at_most_share, clock
         self._items: list = []
         self._running = False
+        self._took = 0.0  # the previous run's time
 
     def __call__(self, items, function) -> None:
         self._items.extend(items)
@@ -276,14 +285,20 @@ class InBackground:
             self._running = True
             eventlet.spawn_n(self._run, function)
 
+    def gather_for(self) -> float:
+        """How long the next run gathers its items."""
+        return max(self.gather_seconds, self._took * (1 / self.at_most_share - 1))
+
     def _run(self, function):
         try:
             while self._items:
-                eventlet.sleep(self.gather_seconds)
+                eventlet.sleep(self.gather_for())
                 items, self._items = self._items, []
+                started = self.clock()
                 try:
                     function(items)
                 except Exception:
                     log.exception("%s of %s item(s) failed; left to catch up on", self.what, len(items))
+                self._took = self.clock() - started
         finally:
             self._running = False

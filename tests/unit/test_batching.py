@@ -243,3 +243,34 @@ def test_the_gather_time_setting_is_milliseconds_and_a_bad_value_is_named(monkey
         monkeypatch.setenv("HUIYING_BATCH_GATHER_MS", bad)
         with pytest.raises(ConfigurationError, match=f"HUIYING_BATCH_GATHER_MS .* not '{bad}'"):
             batch_gather_seconds()
+
+
+def test_work_in_the_background_gathers_longer_after_a_long_run():
+    """InBackground keeps its runs to ``at_most_share`` of the time: a run that took 2 s is
+    followed by one that gathers for 6 s at a quarter; a quick run leaves the gather time as set."""
+    import eventlet
+
+    from services.common.batching import InBackground
+
+    moments = iter([0.0, 2.0, 10.0, 10.01, 20.0, 20.01])  # each run's start and end, as the clock gives them
+    ran, slept = [], []
+    background = InBackground("test", gather_seconds=0.5, at_most_share=0.25, clock=lambda: next(moments))
+    real_sleep = eventlet.sleep
+    eventlet.sleep = lambda seconds=0: (slept.append(seconds), real_sleep(0))[1]
+    try:
+        background(["a"], ran.append)
+        real_sleep(0)
+        real_sleep(0)  # the first run: gathered 0.5 s, took 2 s
+        background(["b"], ran.append)
+        real_sleep(0)
+        real_sleep(0)
+        background(["c"], ran.append)
+        real_sleep(0)
+        real_sleep(0)
+    finally:
+        eventlet.sleep = real_sleep
+    assert ran == [["a"], ["b"], ["c"]]
+    assert slept == [0.5, 6.0, 0.5]  # after 2 s: 2 × (1/0.25 − 1); after 0.01 s: the 0.5 s set
+    with pytest.raises(ValueError, match="at_most_share"):
+        InBackground("test", at_most_share=0)
+
