@@ -5,8 +5,8 @@ was most of what a case cost (bench/e2e.py). A batching entrypoint collects what
 consumer has received and, as soon as that consumer waits for more, gives it to one worker as a
 list (at most ``max_batch`` items). When messages trickle in, a batch is one item and nothing
 waits; in a burst, a batch is whatever arrived while the previous one was handled. By default no
-timer holds a message back; ``HUIYING_BATCH_GATHER_MS`` makes a batch wait that long for more
-(config.batch_gather_seconds).
+timer holds a message back; ``HUIYING_BATCH_GATHER_MS`` makes a batch wait for more, up to that
+long but no longer than the previous batch took to handle (config.batch_gather_seconds).
 
 A message may carry several items (``items_of``: events travel several to a message, see
 events.py). Each message is settled on its own, once all its items are handled: acknowledged
@@ -94,6 +94,7 @@ class Batching:
         self._tallies: dict = {}  # message → _Tally
         self._in_flight = 0
         self._flush_scheduled = False
+        self._last_batch_seconds = 0.0  # how long the previous batch took to handle
 
     def stop(self):
         super().stop()  # the consumer is cancelled: nothing more arrives
@@ -127,9 +128,17 @@ class Batching:
         # it has passed on every message already received: those make up the batch.
         self.container.spawn_managed_thread(self._flush, identifier=f"{type(self).__name__}.flush")
 
+    def gather_for(self) -> float:
+        """How long the next batch waits for more: the gather time, but no longer than the
+        previous batch took to handle. Under a sustained load a batch's handling grows with it
+        and the wait with it, up to the gather time; a queue whose batches are quick, or a quiet
+        one, makes its messages wait little (bench/e2e.py: routing's hop at 200 cases/s took
+        p50 49 ms with 50 ms of gathering, 6 ms without)."""
+        return min(self._gather_seconds, self._last_batch_seconds)
+
     def _flush(self):
         if self._gather_seconds and len(self._waiting) < self.max_batch:
-            eventlet.sleep(self._gather_seconds)
+            eventlet.sleep(self.gather_for())
         self._flush_scheduled = False
         while self._in_flight < MAX_BATCHES_IN_FLIGHT and (self._waiting or self._alone):
             if self._alone:
@@ -143,6 +152,7 @@ class Batching:
         items = [item for item, _message in batch]
         args = (items,) if self.max_batch > 1 else (items[0],)
         self._in_flight += 1
+        started = time.monotonic()
         try:
             # blocks while the container's workers are all busy: that is the back-pressure
             self.container.spawn_worker(
@@ -150,7 +160,7 @@ class Batching:
                 args,
                 {},
                 context_data=self.unpack_message_headers(batch[0][1]),
-                handle_result=partial(self._batch_handled, batch),
+                handle_result=partial(self._batch_handled, batch, started),
             )
         except ContainerBeingKilled:
             self._in_flight -= 1
@@ -158,8 +168,9 @@ class Batching:
                 self._tallies.pop(message, None)
                 self.queue_consumer.requeue_message(message)
 
-    def _batch_handled(self, batch, worker_ctx, result=None, exc_info=None):
+    def _batch_handled(self, batch, started, worker_ctx, result=None, exc_info=None):
         self._in_flight -= 1
+        self._last_batch_seconds = time.monotonic() - started
         if exc_info is not None and isinstance(exc_info[1], SomeFailed):
             errors = exc_info[1].errors
             outcomes = [errors.get(position) for position in range(len(batch))]

@@ -214,22 +214,35 @@ def test_max_batch_must_be_positive():
         Entrypoint(lambda items: None, max_batch=0)
 
 
-def test_with_a_gather_time_a_batch_waits_for_what_arrives_meanwhile_and_without_it_does_not():
+def test_with_a_gather_time_a_batch_waits_for_more_but_no_longer_than_the_previous_batch_took():
     import eventlet
 
-    def batches_of_two_arriving_apart(gather_seconds):
-        point = Entrypoint(lambda items: None)
-        point.container.config = {"BATCH_GATHER_SECONDS": gather_seconds}
-        point.container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
+    def batches(gather_seconds, first_takes):
+        """Message 1 goes at once (no batch before it) and takes ``first_takes``; 2 arrives while
+        it is handled, 3 a moment after it is done."""
+
+        def handle(items):
+            if items == [1]:
+                eventlet.sleep(first_takes)
+
+        point = Entrypoint(handle)
+        container = point.container
+        container.config = {"BATCH_GATHER_SECONDS": gather_seconds}
+        container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
+        run_worker = container.spawn_worker  # in a greenthread of its own, as nameko's workers
+        container.spawn_worker = lambda *args, **kwargs: eventlet.spawn(run_worker, *args, **kwargs)
         point.setup()
         point.handle_message(1, "m1")
-        eventlet.sleep(0.02)  # the first message's flush has run, or is gathering
+        eventlet.sleep(0.05)
         point.handle_message(2, "m2")
-        eventlet.sleep(0.15)
+        eventlet.sleep(first_takes + 0.1 - 0.05)  # [1] is done; [2] is gathering, if it may
+        point.handle_message(3, "m3")
+        eventlet.sleep(0.4)
         return point.container.batches
 
-    assert batches_of_two_arriving_apart(0) == [[1], [2]]
-    assert batches_of_two_arriving_apart(0.1) == [[1, 2]]
+    assert batches(0, first_takes=0.2) == [[1], [2], [3]]  # no gathering
+    assert batches(0.5, first_takes=0.2) == [[1], [2, 3]]  # [2] waits for more, up to 0.2 s
+    assert batches(0.5, first_takes=0) == [[1], [2], [3]]  # a quick batch: next to no wait
 
 
 def test_the_gather_time_setting_is_milliseconds_and_a_bad_value_is_named(monkeypatch):
