@@ -105,9 +105,10 @@ def record_case_received(session, event: dict, settings: dict) -> bool:
     return bool(record_cases_received(session, [event], settings))
 
 
-def record_cases_received(session, events: list[dict], settings: dict) -> list[str]:
+def record_cases_received(session, events: list[dict], settings: dict, to_place: list | None = None) -> list[str]:
     """Project ``case_received`` events, in a few statements for them all; the ids of the cases
-    whose event was recorded now (a redelivered one changes nothing)."""
+    whose event was recorded now (a redelivered one changes nothing). The new cases are placed in
+    clusters now, or added to ``to_place`` when given (``place_in_clusters`` once for a run)."""
     by_event = {event["event_id"]: event for event in sorted(events, key=lambda e: e["case_id"])}
     fresh_ids = set(
         insert_many_ignoring_duplicates(
@@ -165,7 +166,10 @@ def record_cases_received(session, events: list[dict], settings: dict) -> list[s
     as_stored = [SimpleNamespace(**row) for row in rows if row["case_id"] in started]
     if overtaken:
         as_stored += session.execute(select(*CLUSTERING).where(c.case_id.in_([e["case_id"] for e in overtaken]))).all()
-    place_in_clusters(session, as_stored, settings)
+    if to_place is None:
+        place_in_clusters(session, as_stored, settings)
+    else:
+        to_place += as_stored
     return [e["case_id"] for e in fresh]
 
 
@@ -509,12 +513,13 @@ def record_routing_event(session, event: dict, settings: dict) -> bool:
     return bool(record_routing_events(session, [event], settings))
 
 
-def record_routing_events(session, events: list[dict], settings: dict) -> list[str]:
+def record_routing_events(session, events: list[dict], settings: dict, to_place: list | None = None) -> list[str]:
     """Project routing's events, in a few statements for them all; the ids of the cases changed
     by an event recorded now (a redelivered one changes nothing). Each case's events are applied
     in the order they occurred, to its row as read under lock: two events about one case (two
     returns, say) never both count from the same value, and rows are locked in one order, so two
-    batches cannot deadlock."""
+    batches cannot deadlock. A reclassified case moves to its new cluster now, or is added to
+    ``to_place`` when given."""
     c = case_projection.c
     unique = {event["event_id"]: event for event in events}  # an event delivered twice in one batch counts once
     ordered = sorted(unique.values(), key=lambda e: (e["case_id"], e["occurred_at"]))
@@ -582,7 +587,11 @@ def record_routing_events(session, events: list[dict], settings: dict) -> list[s
         session.execute(update(case_projection).where(c.case_id.in_(due_changed)).values(nearest_due=nearest_due))
     reclassified = [case_id for case_id in case_ids if cases[case_id]["category"] != categories_before[case_id]]
     if reclassified:  # another shard and cluster
-        place_in_clusters(session, [SimpleNamespace(**cases[case_id]) for case_id in reclassified], settings)
+        moved = [SimpleNamespace(**cases[case_id]) for case_id in reclassified]
+        if to_place is None:
+            place_in_clusters(session, moved, settings)
+        else:
+            to_place += moved
     return case_ids
 
 
