@@ -426,8 +426,8 @@ class ClusterWords:
         """The clusters ``keys`` (``into`` among them) become the one ``into``, whose words are
         then all of theirs. Called before their cases move: a cluster whose words this batch has
         not met is read from its row, or whole when it has none (a small one, as a rule). Merged
-        words are kept, not forgotten: a cluster of thousands that merged was read whole again on
-        its next arrival (bench/e2e.py: 42 reads of 9,000 cases in 30 s at 200 cases/s)."""
+        words are kept, not forgotten: forgotten, a cluster of thousands that merged was read
+        whole again on its next arrival unlike its recent cases."""
         unknown = [key for key in keys if key not in self.words]
         if unknown:
             self.words.update(ClusterWords.read(session, unknown).words)

@@ -45,11 +45,11 @@ def test_an_event_whose_handler_fails_once_is_handled_on_the_retry(submit, rpc, 
 
     real, calls = projection.record_routing_events, []
 
-    def flaky(session, events, settings):
+    def flaky(session, events, settings, to_place=None):
         calls.extend(event["event_type"] for event in events)
         if calls.count("case_referred") == 1 and any(event["event_type"] == "case_referred" for event in events):
             raise RuntimeError("database hiccup")
-        return real(session, events, settings)
+        return real(session, events, settings, to_place)
 
     monkeypatch.setattr(projection, "record_routing_events", flaky)
     case_id = submit("E-1")
@@ -62,7 +62,7 @@ def test_an_event_that_keeps_failing_is_parked_with_its_reason(submit, rpc, monk
     from services.supervision import projection
 
     monkeypatch.setattr(events, "MAX_ATTEMPTS", 2)
-    monkeypatch.setattr(projection, "record_routing_events", lambda session, events, settings: 1 / 0)
+    monkeypatch.setattr(projection, "record_routing_events", lambda session, events, settings, to_place=None: 1 / 0)
     submit("E-2")
     parked = []
     with Connection(rabbit_config["AMQP_URI"]) as connection:
@@ -89,10 +89,10 @@ def test_a_poison_event_is_parked_while_the_events_around_it_flow(submit, rpc, m
 
     real, poison = projection.record_routing_events, {}
 
-    def fails_for_one_case(session, events, settings):
+    def fails_for_one_case(session, events, settings, to_place=None):
         if any(event["case_id"] == poison.get("case_id") for event in events):
             raise ValueError("this event can never be projected")
-        return real(session, events, settings)
+        return real(session, events, settings, to_place)
 
     monkeypatch.setattr(events, "MAX_ATTEMPTS", 3)
     monkeypatch.setattr(projection, "record_routing_events", fails_for_one_case)
@@ -165,11 +165,11 @@ def test_in_a_message_of_several_events_only_the_poison_one_is_retried_and_parke
 
     real, seen = projection.record_routing_events, []
 
-    def fails_for_one_case(session, batch, settings):
+    def fails_for_one_case(session, batch, settings, to_place=None):
         seen.append([event["case_id"] for event in batch])
         if any(event["case_id"] == "LG-2026-000902" for event in batch):
             raise ValueError("this event can never be projected")
-        return real(session, batch, settings)
+        return real(session, batch, settings, to_place)
 
     monkeypatch.setattr(events, "MAX_ATTEMPTS", 2)
     monkeypatch.setattr(projection, "record_routing_events", fails_for_one_case)

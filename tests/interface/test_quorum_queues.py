@@ -114,11 +114,11 @@ def test_a_failing_handler_and_a_failing_ticket_come_back_through_quorum_retry_q
     rpc = stack
     real_record, events = projection.record_routing_events, []
 
-    def flaky_record(session, batch, settings):
+    def flaky_record(session, batch, settings, to_place=None):
         events.extend(event["event_type"] for event in batch)
         if "case_referred" in (e["event_type"] for e in batch) and events.count("case_referred") == 1:
             raise RuntimeError("database hiccup")
-        return real_record(session, batch, settings)
+        return real_record(session, batch, settings, to_place)
 
     real_submit, submits = cases.submit_many, []
 
