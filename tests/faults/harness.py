@@ -28,8 +28,11 @@ HUIYING = [sys.executable, "-m", "huiying.cli"]
 SERVICES = ("intake", "routing", "supervision", "notify")
 MANAGEMENT = "http://127.0.0.1:15672/api"
 TICKETS = Exchange("huiying.tickets", "direct", durable=True)
-# A mainland mobile number not inside a longer run of digits: what must never leak unmasked.
-PHONE = re.compile(r"(?<!\d)1[3-9]\d{9}(?!\d)")
+# A mainland mobile number standing on its own (not inside a longer run of digits, nor touching
+# an ASCII letter): what must never leak unmasked. A phone in a log stands after a space, a quote,
+# a colon or Chinese text; eleven digits inside an event's UUID (a hex group such as
+# "a16102573305") are not one, and such a group in routing's log once failed a clean-clone run.
+PHONE = re.compile(r"(?<![0-9A-Za-z])1[3-9]\d{9}(?![0-9A-Za-z])")
 
 STREETS = ["平湖", "布吉", "坂田", "南湾", "横岗", "龙城", "龙岗", "坪地", "园山", "宝龙", "吉华"]
 TOPICS = [
