@@ -93,10 +93,10 @@ def nameko_config(service: str) -> dict:
 
 
 def batch_gather_seconds() -> float:
-    """``HUIYING_BATCH_GATHER_MS`` (0: off): how long a queue's batch waits for more messages
-    before a worker takes it. Every hop of a case then adds up to this much latency, and under a
-    sustained load of 100 cases/s or more the batches are larger, so each case costs fewer
-    transactions and messages (README, Benchmarks)."""
+    """``HUIYING_BATCH_GATHER_MS`` (0: off): how long, at most, a queue's batch waits for more
+    messages before a worker takes it (never longer than the previous batch took: batching.py).
+    Under a sustained load of 100 cases/s or more the batches are then larger, so each case costs
+    fewer transactions and messages (README, Benchmarks)."""
     raw = os.environ.get("HUIYING_BATCH_GATHER_MS", "").strip() or "0"
     try:
         milliseconds = float(raw)

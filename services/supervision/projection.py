@@ -99,6 +99,30 @@ def _new_case_row(event: dict, at: datetime) -> dict:
     )
 
 
+def record_events(session, events: list[dict], settings: dict) -> list[str]:
+    """Project events of every kind, intake's and routing's, in the caller's transaction; the ids
+    of the cases they changed. The run's new and reclassified cases are placed in clusters once,
+    at its end (one lock of the shards, one read of their clusters), each as it stands last: a
+    case received and reclassified in the same run is placed once, in the cluster of routing's
+    category."""
+    received = [event for event in events if event["event_type"] == "case_received"]
+    from_routing = [event for event in events if event["event_type"] != "case_received"]
+    to_place: list = []
+    fresh = record_cases_received(session, received, settings, to_place) if received else []
+    if from_routing:
+        fresh += record_routing_events(session, from_routing, settings, to_place)
+    place_in_clusters(session, list({case.case_id: case for case in to_place}.values()), settings)
+    return fresh
+
+
+def _place_now_or_later(session, cases: list, settings: dict, to_place: list | None) -> None:
+    """``place_in_clusters`` now, or, when the caller gathers the cases of a run, later."""
+    if to_place is None:
+        place_in_clusters(session, cases, settings)
+    else:
+        to_place += cases
+
+
 def record_case_received(session, event: dict, settings: dict) -> bool:
     """Project a ``case_received`` event; False when this event was already recorded.
     ``settings`` are the supervision policy's (the cluster window and similarity)."""
@@ -108,7 +132,7 @@ def record_case_received(session, event: dict, settings: dict) -> bool:
 def record_cases_received(session, events: list[dict], settings: dict, to_place: list | None = None) -> list[str]:
     """Project ``case_received`` events, in a few statements for them all; the ids of the cases
     whose event was recorded now (a redelivered one changes nothing). The new cases are placed in
-    clusters now, or added to ``to_place`` when given (``place_in_clusters`` once for a run)."""
+    clusters now, or added to ``to_place`` when given (``record_events``)."""
     by_event = {event["event_id"]: event for event in sorted(events, key=lambda e: e["case_id"])}
     fresh_ids = set(
         insert_many_ignoring_duplicates(
@@ -166,10 +190,7 @@ def record_cases_received(session, events: list[dict], settings: dict, to_place:
     as_stored = [SimpleNamespace(**row) for row in rows if row["case_id"] in started]
     if overtaken:
         as_stored += session.execute(select(*CLUSTERING).where(c.case_id.in_([e["case_id"] for e in overtaken]))).all()
-    if to_place is None:
-        place_in_clusters(session, as_stored, settings)
-    else:
-        to_place += as_stored
+    _place_now_or_later(session, as_stored, settings, to_place)
     return [e["case_id"] for e in fresh]
 
 
@@ -588,10 +609,7 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     reclassified = [case_id for case_id in case_ids if cases[case_id]["category"] != categories_before[case_id]]
     if reclassified:  # another shard and cluster
         moved = [SimpleNamespace(**cases[case_id]) for case_id in reclassified]
-        if to_place is None:
-            place_in_clusters(session, moved, settings)
-        else:
-            to_place += moved
+        _place_now_or_later(session, moved, settings, to_place)
     return case_ids
 
 

@@ -178,18 +178,8 @@ class SupervisionService(ServiceBase):
             raise failed.__cause__ from None
 
     def _project_together(self, events: list) -> None:
-        settings = self.rules.get().rules.settings
-        received = [event for event in events if event["event_type"] == "case_received"]
-        from_routing = [event for event in events if event["event_type"] != "case_received"]
-        to_place = []  # the run's new and reclassified cases, placed in clusters together
         with self.db.begin() as session:
-            fresh = projection.record_cases_received(session, received, settings, to_place) if received else []
-            if from_routing:
-                fresh += projection.record_routing_events(session, from_routing, settings, to_place)
-            # Once for the run (one lock of the shards, one read of their clusters), each case as
-            # it stands last: one received and reclassified in the same run is placed once, in
-            # the cluster of routing's category.
-            projection.place_in_clusters(session, list({case.case_id: case for case in to_place}.values()), settings)
+            fresh = projection.record_events(session, events, self.rules.get().rules.settings)
         self._evaluate_after_events(fresh)
 
     def _evaluate_after_events(self, case_ids: list):
