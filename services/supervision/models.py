@@ -58,6 +58,19 @@ case_projection = Table(
     Index("ix_supervision_cases_changed", "changed_at"),
     Index("ix_supervision_cases_received", "received_at"),
 )
+# A shard's open cases in the order placing a new case reads them (projection._peers: each
+# cluster's most recent cases first), so that read is a walk of this index, not a sort: only open
+# cases, which stay few while closed ones pile up.
+Index(
+    "ix_supervision_cases_open_by_cluster",
+    case_projection.c.street,
+    case_projection.c.category,
+    case_projection.c.cluster_key,
+    case_projection.c.received_at.desc(),
+    case_projection.c.case_id.desc(),
+    postgresql_where=case_projection.c.status != "closed",
+    sqlite_where=case_projection.c.status != "closed",
+)
 
 referral_projection = Table(
     "supervision_referrals",

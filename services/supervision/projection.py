@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import bindparam, delete, func, select, tuple_, update
+from sqlalchemy import String, bindparam, delete, func, select, true, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
@@ -330,36 +331,47 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
     were compared with all."""
     c = case_projection.c
     in_shards = (tuple_(c.street, c.category).in_(shards), c.status != "closed", c.received_at.between(*span))
-    ranked = (
-        select(
-            c.street,
-            c.category,
-            c.case_id,
-            c.cluster_key,
-            c.received_at,
-            func.row_number()
-            .over(partition_by=c.cluster_key, order_by=(c.received_at.desc(), c.case_id.desc()))
-            .label("rank"),
-            func.count().over(partition_by=c.cluster_key).label("size"),
-        )
-        .where(*in_shards)
-        .subquery()
+    # Each cluster's most recent cases and one more, whose presence says the cluster was read in
+    # part (one window function: counting each cluster's cases too tripled the query's time).
+    rank = (
+        func.row_number()
+        .over(partition_by=c.cluster_key, order_by=(c.received_at.desc(), c.case_id.desc()))
+        .label("rank")
     )
-    first = [
-        row
-        for row in session.execute(select(ranked).where(ranked.c.rank <= FIRST_COMPARED))
-        if row.case_id not in arriving
-    ]
+    columns = (c.street, c.category, c.case_id, c.cluster_key, c.received_at, rank)
+    if session.get_bind().dialect.name == "postgresql":
+        # A shard at a time (LATERAL), so that each is a walk of ix_supervision_cases_open_by_cluster
+        # in the window's order: over all the shards at once, PostgreSQL gathered their rows from a
+        # bitmap scan and sorted them (9 ms for 15 shards of 300 open cases, 3.5 ms this way). The
+        # shards go as two arrays, so that the statement is compiled once, not for every list.
+        shard_list = func.unnest(
+            bindparam("streets", [street for street, _ in shards], type_=ARRAY(String)),
+            bindparam("categories", [category for _, category in shards], type_=ARRAY(String)),
+        ).table_valued("street", "category").render_derived(name="shard")
+        ranked = (
+            select(*columns)
+            .where(c.street == shard_list.c.street, c.category == shard_list.c.category, *in_shards[1:])
+            .lateral()
+        )
+        query = select(ranked).select_from(shard_list.join(ranked, true()))
+    else:
+        ranked = select(*columns).where(*in_shards).subquery()
+        query = select(ranked)
+    first, beyond = [], {}  # beyond: {cluster key: its shard} of the clusters read in part
+    for row in session.execute(query.where(ranked.c.rank <= FIRST_COMPARED + 1)):
+        if row.rank > FIRST_COMPARED:
+            beyond[row.cluster_key] = (row.street, row.category)
+        elif row.case_id not in arriving:
+            first.append(row)
     words = WORDS.of(session, [row.case_id for row in first])
     threshold = settings["cluster_similarity"]
     by_cluster = defaultdict(list)
     for row in first:
         by_cluster[row.cluster_key].append(row)
-    partial = {key: rows for key, rows in by_cluster.items() if rows[0].size > len(rows)}  # not all read
-    unions = ClusterWords.read(session, partial)
+    unions = ClusterWords.read(session, beyond)
     unlike = set()  # clusters read in part, which some arrival is like none of those read to
-    for key, rows in partial.items():
-        shard = (rows[0].street, rows[0].category)
+    for key, shard in beyond.items():
+        rows = by_cluster[key]
         for arrival in by_shard[shard]:
             arrival_words = WORDS.put(arrival.case_id, arrival.title, arrival.description)
             if any(
