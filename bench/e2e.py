@@ -43,6 +43,7 @@ from pathlib import Path
 import psycopg2
 import requests
 from kombu import Connection, Producer
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
@@ -261,7 +262,25 @@ class Meter:
         cpu = {name: sum(_cpu_seconds(pid) for pid in pids if pid) for name, pids in self._pids().items()}
         database = self.stack.engine.url.database
         commits = self.stack.scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = :d", d=database)
-        return {"cpu": cpu, "commits": commits, "messages": _vhost_messages(self.stack.vhost)}
+        return {"cpu": cpu, "commits": commits, "messages": _vhost_messages(self.stack.vhost), "runs": self._runs()}
+
+    def _runs(self) -> dict:
+        """Each service's ``huiying_run_seconds`` and ``huiying_run_items`` sums and counts, from
+        its /metrics: ``{service: {run: [runs, seconds, items]}}``."""
+        found = {}
+        for service in SERVICES:
+            runs = found.setdefault(service, defaultdict(lambda: [0, 0.0, 0]))
+            text = requests.get(self.stack.url(service) + "/metrics", timeout=10).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    column = {
+                        "huiying_run_seconds_count": 0,
+                        "huiying_run_seconds_sum": 1,
+                        "huiying_run_items_sum": 2,
+                    }.get(sample.name)
+                    if column is not None:
+                        runs[sample.labels["run"]][column] = sample.value
+        return found
 
     def start(self):
         self.before = self._read()
@@ -270,7 +289,22 @@ class Meter:
         time.sleep(6)  # RabbitMQ's management statistics are refreshed every 5 s
         after = self._read()
         cpu = {name: after["cpu"][name] - self.before["cpu"][name] for name in after["cpu"]}
+        runs = {}
+        for service, by_run in after["runs"].items():
+            for run, (count, seconds, items) in by_run.items():
+                was = self.before["runs"].get(service, {}).get(run, [0, 0.0, 0])
+                count, seconds, items = count - was[0], seconds - was[1], items - was[2]
+                if count:
+                    runs.setdefault(service, {})[run] = {
+                        "runs": int(count),
+                        "seconds": round(seconds, 2),
+                        "mean_ms": round(1000 * seconds / count, 1),
+                        "items_per_run": round(items / count, 1),
+                    }
         return {
+            # every run of work taken together (a queue's batch, supervision's projection run, its
+            # evaluation after events, its sweep): how many, how long, how many items each
+            "runs": runs,
             "cpu_ms_per_case": {name: round(1000 * seconds / cases, 2) for name, seconds in cpu.items()},
             "cpu_ms_per_case_total": round(1000 * sum(cpu.values()) / cases, 1),
             "database_transactions_per_case": round((after["commits"] - self.before["commits"]) / cases, 2),

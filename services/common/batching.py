@@ -25,6 +25,8 @@ from functools import partial
 import eventlet
 from nameko.exceptions import ContainerBeingKilled
 
+from services.common import metrics
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 200
@@ -172,6 +174,7 @@ class Batching:
     def _batch_handled(self, batch, started, worker_ctx, result=None, exc_info=None):
         self._in_flight -= 1
         self._last_batch_seconds = time.monotonic() - started
+        metrics.observe_run(f"{self.method_name} batch", self._last_batch_seconds, len(batch))
         if exc_info is not None and isinstance(exc_info[1], SomeFailed):
             errors = exc_info[1].errors
             outcomes = [errors.get(position) for position in range(len(batch))]
@@ -226,7 +229,8 @@ class Coalesced:
     done it alone. When a run of several callers' items fails, each caller's items are run again
     on their own, and only a caller whose own run fails raises ``RunFailed``."""
 
-    def __init__(self):
+    def __init__(self, what: str = "coalesced run"):
+        self.what = what  # the run's name in the metrics (huiying_run_seconds)
         self._lock = threading.Lock()  # green once eventlet has patched threading
         self._waiting: list[_Handed] = []
 
@@ -238,8 +242,11 @@ class Coalesced:
                 if handed.finished:  # the run before ours took our items
                     break
                 run, self._waiting = self._waiting, []
+                items = [item for each in run for item in each.items]
+                started = time.monotonic()
                 try:
-                    results = function([item for each in run for item in each.items])
+                    results = function(items)
+                    metrics.observe_run(self.what, time.monotonic() - started, len(items))
                 except Exception as exc:
                     if len(run) == 1:
                         run[0].finished, run[0].error = True, exc
@@ -312,5 +319,6 @@ class InBackground:
                 except Exception:
                     log.exception("%s of %s item(s) failed; left to catch up on", self.what, len(items))
                 self._took = self.clock() - started
+                metrics.observe_run(self.what, self._took, len(items))
         finally:
             self._running = False

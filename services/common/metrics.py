@@ -12,6 +12,11 @@ What is measured, and where:
   answers remembered for repeated facts are not evaluations).
 - ``huiying_notification_failures_total{channel, outcome}``: a delivery that failed and will be
   retried, or was parked after its last attempt (notify).
+- ``huiying_run_seconds{run}`` and ``huiying_run_items{run}``: each run of work taken together —
+  a queue's batch (``<handler> batch``, batching.py), supervision's projection run and its
+  background runs (``Coalesced``, ``InBackground``) — how long it took and how many items it
+  held. Their sums over a minute say how busy each is: a projection run busy nearly all the time
+  is what a case waits behind (bench/e2e.py reports them per run of the benchmark).
 """
 
 from datetime import datetime
@@ -40,6 +45,18 @@ CASES_ROUTED = Counter(
     "huiying_cases_routed_total", "Routing decisions: referred, or put on the triage list", ["outcome"]
 )
 CASES_ESCALATED = Counter("huiying_cases_escalated_total", "Escalation actions taken, per case", ["action"])
+RUN_SECONDS = Histogram(
+    "huiying_run_seconds",
+    "How long each run of work taken together took (a queue's batch, a projection run, a background run)",
+    ["run"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+RUN_ITEMS = Histogram(
+    "huiying_run_items",
+    "How many items (events, tickets, deliveries, cases) a run of work took together",
+    ["run"],
+    buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+)
 NOTIFICATION_FAILURES = Counter(
     "huiying_notification_failures_total", "Deliveries that failed: retried or parked", ["channel", "outcome"]
 )
@@ -65,6 +82,11 @@ def observe_lag(service: str, event: dict) -> None:
         return
     lag = (now() - occurred).total_seconds()  # the demo's clock, if it is moved
     EVENT_LAG.labels(service, event.get("event_type", "?")).observe(max(0.0, lag))
+
+
+def observe_run(run: str, seconds: float, items: int) -> None:
+    RUN_SECONDS.labels(run).observe(seconds)
+    RUN_ITEMS.labels(run).observe(items)
 
 
 def respond():

@@ -46,7 +46,7 @@ class IntakeService(ServiceBase):
         """One submission (HTTP, Open311, the CLI), stored together with those of the requests
         handled at the same moment: one transaction and one publish for them all."""
         submission = parse_submission(data)
-        together = self.state.setdefault(f"submissions:{channel}", Coalesced())
+        together = self.state.setdefault(f"submissions:{channel}", Coalesced(f"submissions by {channel}"))
         [result] = together([submission], lambda submissions: self._submit_many(submissions, channel))
         if isinstance(result, ValidationFailed):
             raise result

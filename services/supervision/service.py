@@ -18,6 +18,7 @@ from nameko.rpc import RpcProxy, rpc
 from nameko.timer import timer
 from sqlalchemy import select
 
+from services.common import metrics
 from services.common.auth import KeyCache, actor_for, actor_for_key, require_staff
 from services.common.base import ServiceBase
 from services.common.batching import Coalesced, InBackground, RunFailed
@@ -171,7 +172,7 @@ class SupervisionService(ServiceBase):
         Routing's case_referred arrives while intake's case_received for the same case is being
         projected: as separate transactions, one waited for the other's locks on the case and its
         shard, and most of a referral's way to the board was that wait (bench/e2e.py's stages)."""
-        projecting = self.state.setdefault("projecting", Coalesced())
+        projecting = self.state.setdefault("projecting", Coalesced("projection"))
         try:
             projecting(events, self._project_together)
         except RunFailed as failed:  # the events' own error: the retry and the parked reason name it
@@ -211,8 +212,11 @@ class SupervisionService(ServiceBase):
         # Two sweepers, each taking one shard at a time: while one waits for PostgreSQL the other
         # evaluates, so a sweep uses both cores (the leases keep them apart, as between replicas).
         sweepers = eventlet.GreenPool(SWEEPERS)
+        started = time.monotonic()
         totals = list(sweepers.imap(lambda _: self._sweep_due_shards(me), range(SWEEPERS)))
         evaluated, decided = sum(t[0] for t in totals), sum(t[1] for t in totals)
+        if evaluated:
+            metrics.observe_run("sweep", time.monotonic() - started, evaluated)
         if decided:
             log.info("sweep by %s: %s cases, %s new decisions", me, evaluated, decided)
 

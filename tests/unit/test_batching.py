@@ -286,4 +286,3 @@ def test_work_in_the_background_gathers_longer_after_a_long_run():
     assert slept == [0.5, 6.0, 0.5]  # after 2 s: 2 × (1/0.25 − 1); after 0.01 s: the 0.5 s set
     with pytest.raises(ValueError, match="at_most_share"):
         InBackground("test", at_most_share=0)
-
