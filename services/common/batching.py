@@ -62,10 +62,15 @@ class Batching:
     the method gets one item, as nameko's own consumers get one body; above 1, a list of items.
     The subclass's ``handle_message_processed(message, result, exc_info)`` settles a message."""
 
-    def __init__(self, *args, max_batch: int = 1, expected_exceptions=(), **kwargs):
+    def __init__(
+        self, *args, max_batch: int = 1, gather_seconds: float | None = None, expected_exceptions=(), **kwargs
+    ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
+        # For a queue no case waits on (notify's): every batch waits this long for more,
+        # whatever HUIYING_BATCH_GATHER_MS says, so that a steady trickle comes in a few batches.
+        self.fixed_gather_seconds = gather_seconds
         # SomeFailed is how a handler hands some items on to be retried: not a crash
         expected = expected_exceptions if isinstance(expected_exceptions, tuple) else (expected_exceptions,)
         super().__init__(*args, expected_exceptions=(*expected, SomeFailed), **kwargs)
@@ -136,12 +141,16 @@ class Batching:
         and the wait with it, up to the gather time; a queue whose batches are quick, or a quiet
         one, makes its messages wait little (bench/e2e.py with 50 ms: routing's hop at 200
         cases/s took p50 49 ms when every batch waited the whole 50 ms, 18-25 ms now; at 10
-        cases/s the whole way took p99 190 ms, now 64-83 ms)."""
+        cases/s the whole way took p99 190 ms, now 64-83 ms). An entrypoint given its own
+        ``gather_seconds`` always waits that long."""
+        if self.fixed_gather_seconds is not None:
+            return self.fixed_gather_seconds
         return min(self._gather_seconds, self._last_batch_seconds)
 
     def _flush(self):
-        if self._gather_seconds and len(self._waiting) < self.max_batch:
-            eventlet.sleep(self.gather_for())
+        gather = self.gather_for()
+        if gather and len(self._waiting) < self.max_batch:
+            eventlet.sleep(gather)
         self._flush_scheduled = False
         while self._in_flight < MAX_BATCHES_IN_FLIGHT and (self._waiting or self._alone):
             if self._alone:

@@ -102,7 +102,12 @@ class ReliableEventHandler(Batching, EventHandler):
 reliable_event_handler = ReliableEventHandler.decorator
 
 
-def event_batch_handler(source_service: str, event_type: str, max_batch: int = DEFAULT_MAX_BATCH):
+def event_batch_handler(
+    source_service: str, event_type: str, max_batch: int = DEFAULT_MAX_BATCH, gather_seconds: float | None = None
+):
     """As ``reliable_event_handler``, but the method gets a list of events: every one waiting in
-    its queue, up to ``max_batch`` (batching.py)."""
-    return ReliableEventHandler.decorator(source_service, event_type, max_batch=max_batch)
+    its queue, up to ``max_batch``; with ``gather_seconds``, every batch waits that long for more
+    (batching.py)."""
+    return ReliableEventHandler.decorator(
+        source_service, event_type, max_batch=max_batch, gather_seconds=gather_seconds
+    )
