@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from services.common.auth import KeyCache, request_key
 from services.common.base import ServiceBase
-from services.common.batching import DEFAULT_MAX_BATCH, Coalesced
+from services.common.batching import DEFAULT_MAX_BATCH, GATHER_OFF_THE_CASES_WAY, Coalesced
 from services.common.directory import DirectoryError, parse_directory
 from services.common.events import event_batch_handler
 from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_body, json_response
@@ -160,11 +160,13 @@ class IntakeService(ServiceBase):
 
     # --- status from routing (what the JSON API and Open311 report back) ---------------------
 
-    @event_batch_handler("routing", "case_referred")
-    @event_batch_handler("routing", "case_needs_triage")
-    @event_batch_handler("routing", "referral_replied")
-    @event_batch_handler("routing", "case_reopened")
-    @event_batch_handler("routing", "case_closed")
+    # Intake's view of a case's status (what its JSON API and Open311 report) follows routing's
+    # a moment later: no case waits on it, so its batches gather for a while (batching.py).
+    @event_batch_handler("routing", "case_referred", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "case_needs_triage", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "referral_replied", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "case_reopened", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "case_closed", gather_seconds=GATHER_OFF_THE_CASES_WAY)
     def on_routing_status(self, events: list):
         with self.db.begin() as session:
             cases.apply_routing_statuses(session, events)

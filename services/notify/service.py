@@ -15,7 +15,7 @@ from nameko.timer import timer
 
 from services.common import metrics
 from services.common.base import ServiceBase
-from services.common.batching import DEFAULT_MAX_BATCH, SomeFailed
+from services.common.batching import DEFAULT_MAX_BATCH, GATHER_OFF_THE_CASES_WAY, SomeFailed
 from services.common.directory import parse_directory
 from services.common.events import event_batch_handler, reliable_event_handler
 from services.common.outbox import BatchPublishing, OutboxRelay
@@ -38,10 +38,8 @@ from services.notify.queue import (
 )
 
 log = logging.getLogger(__name__)
-# No case waits on notify: its queues gather a quarter of a second of messages into each batch, so
-# that a steady flow makes a few large batches (a transaction or two each) instead of many of two
-# or three messages (bench/e2e.py at 200 cases/s: 2.6 deliveries a batch without it).
-GATHER_SECONDS = 0.25
+# No case waits on notify: its queues gather for a while into each batch (batching.py).
+GATHER_SECONDS = GATHER_OFF_THE_CASES_WAY
 
 
 class NotifyService(ServiceBase):

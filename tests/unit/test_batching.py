@@ -49,8 +49,8 @@ class Base:
 class Entrypoint(Batching, Base):
     method_name = "handle"
 
-    def __init__(self, handler, max_batch=50, several_per_message=False):
-        super().__init__(max_batch=max_batch)
+    def __init__(self, handler, max_batch=50, several_per_message=False, gather_seconds=None):
+        super().__init__(max_batch=max_batch, gather_seconds=gather_seconds)
         self.container = FakeContainer(handler)
         self.several = several_per_message
         self.settled, self.items_failed = [], []
@@ -217,7 +217,7 @@ def test_max_batch_must_be_positive():
 def test_with_a_gather_time_a_batch_waits_for_more_but_no_longer_than_the_previous_batch_took():
     import eventlet
 
-    def batches(gather_seconds, first_takes):
+    def batches(gather_seconds, first_takes, own_gather=None):
         """Message 1 goes at once (no batch before it) and takes ``first_takes``; 2 arrives while
         it is handled, 3 a moment after it is done."""
 
@@ -225,7 +225,7 @@ def test_with_a_gather_time_a_batch_waits_for_more_but_no_longer_than_the_previo
             if items == [1]:
                 eventlet.sleep(first_takes)
 
-        point = Entrypoint(handle)
+        point = Entrypoint(handle, gather_seconds=own_gather)
         container = point.container
         container.config = {"BATCH_GATHER_SECONDS": gather_seconds}
         container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
@@ -243,6 +243,9 @@ def test_with_a_gather_time_a_batch_waits_for_more_but_no_longer_than_the_previo
     assert batches(0, first_takes=0.2) == [[1], [2], [3]]  # no gathering
     assert batches(0.5, first_takes=0.2) == [[1], [2, 3]]  # [2] waits for more, up to 0.2 s
     assert batches(0.5, first_takes=0) == [[1], [2], [3]]  # a quick batch: next to no wait
+    # a queue no case waits on gathers for its own time, whatever the setting and the last batch:
+    # the first message waits too, and the three arrive within it
+    assert batches(0, first_takes=0, own_gather=0.2) == [[1, 2, 3]]
 
 
 def test_the_gather_time_setting_is_milliseconds_and_a_bad_value_is_named(monkeypatch):
