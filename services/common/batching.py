@@ -72,7 +72,7 @@ class Batching:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
-        # For a queue no case waits on (notify's): every batch waits this long for more,
+        # For a queue no case waits on (GATHER_OFF_THE_CASES_WAY): every batch waits this long for more,
         # whatever HUIYING_BATCH_GATHER_MS says, so that a steady trickle comes in a few batches.
         self.fixed_gather_seconds = gather_seconds
         # SomeFailed is how a handler hands some items on to be retried: not a crash

@@ -38,8 +38,6 @@ from services.notify.queue import (
 )
 
 log = logging.getLogger(__name__)
-# No case waits on notify: its queues gather for a while into each batch (batching.py).
-GATHER_SECONDS = GATHER_OFF_THE_CASES_WAY
 
 
 class NotifyService(ServiceBase):
@@ -147,21 +145,22 @@ class NotifyService(ServiceBase):
     def on_directory_loaded(self, event):
         self.state.pop("directory", None)
 
-    # One handler, one queue per event type (nameko names each queue after the type).
-    @event_batch_handler("routing", "case_referred", gather_seconds=GATHER_SECONDS)
-    @event_batch_handler("routing", "case_needs_triage", gather_seconds=GATHER_SECONDS)
-    @event_batch_handler("routing", "referral_replied", gather_seconds=GATHER_SECONDS)
-    @event_batch_handler("routing", "case_reopened", gather_seconds=GATHER_SECONDS)
-    @event_batch_handler("routing", "case_closed", gather_seconds=GATHER_SECONDS)
-    @event_batch_handler("supervision", "case_escalated", gather_seconds=GATHER_SECONDS)
-    @event_batch_handler("supervision", "department_reminded", gather_seconds=GATHER_SECONDS)
-    @event_batch_handler("supervision", "supervisors_alerted", gather_seconds=GATHER_SECONDS)
+    # One handler, one queue per event type (nameko names each queue after the type). No case
+    # waits on notify: its queues gather for a while into each batch (batching.py).
+    @event_batch_handler("routing", "case_referred", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "case_needs_triage", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "referral_replied", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "case_reopened", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("routing", "case_closed", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("supervision", "case_escalated", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("supervision", "department_reminded", gather_seconds=GATHER_OFF_THE_CASES_WAY)
+    @event_batch_handler("supervision", "supervisors_alerted", gather_seconds=GATHER_OFF_THE_CASES_WAY)
     def on_event(self, events: list):
         self._owe(events)
 
     # --- the work queue: send deliveries ----------------------------------------------------
 
-    @consume_deliveries(max_batch=DEFAULT_MAX_BATCH, gather_seconds=GATHER_SECONDS)
+    @consume_deliveries(max_batch=DEFAULT_MAX_BATCH, gather_seconds=GATHER_OFF_THE_CASES_WAY)
     def deliver(self, bodies: list):
         """Send every delivery the waiting work messages name; a failed send is retried later
         (alone), or parked after the last attempt."""
