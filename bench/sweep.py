@@ -163,6 +163,8 @@ def main():
         "HUIYING_SUPERVISION_ADDRESS": f"127.0.0.1:{free_port()}",
         "HUIYING_LOG_LEVEL": "WARNING",
         "PATH": "/usr/bin:/bin",
+        # the services of this checkout, not whichever the virtualenv has installed
+        "PYTHONPATH": str(RULES_DIR.parent),
     }
     report = {"cases": args.cases}
     process = None
