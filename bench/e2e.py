@@ -243,6 +243,10 @@ def percentiles(values: list[float], prefix: str = "") -> dict:
     }
 
 
+# The samples of the services' run metrics that Meter reads, and their place in [runs, seconds, items].
+RUN_SAMPLES = {"huiying_run_seconds_count": 0, "huiying_run_seconds_sum": 1, "huiying_run_items_sum": 2}
+
+
 class Meter:
     """CPU seconds of the processes that do the work, transactions of the benchmark's database
     and messages through its vhost, between ``start`` and ``stop``."""
@@ -273,11 +277,7 @@ class Meter:
             text = requests.get(self.stack.url(service) + "/metrics", timeout=10).text
             for family in text_string_to_metric_families(text):
                 for sample in family.samples:
-                    column = {
-                        "huiying_run_seconds_count": 0,
-                        "huiying_run_seconds_sum": 1,
-                        "huiying_run_items_sum": 2,
-                    }.get(sample.name)
+                    column = RUN_SAMPLES.get(sample.name)
                     if column is not None:
                         runs[sample.labels["run"]][column] = sample.value
         return found

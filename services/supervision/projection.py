@@ -330,7 +330,8 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
     cluster's words, ``ClusterWords``). Whichever cluster an arrival joins is the same as if it
     were compared with all."""
     c = case_projection.c
-    in_shards = (tuple_(c.street, c.category).in_(shards), c.status != "closed", c.received_at.between(*span))
+    open_in_span = (c.status != "closed", c.received_at.between(*span))
+    in_shards = (tuple_(c.street, c.category).in_(shards), *open_in_span)
     # Each cluster's most recent cases and one more, whose presence says the cluster was read in
     # part (one window function: counting each cluster's cases too tripled the query's time).
     rank = (
@@ -355,7 +356,7 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
         )
         ranked = (
             select(*columns)
-            .where(c.street == shard_list.c.street, c.category == shard_list.c.category, *in_shards[1:])
+            .where(c.street == shard_list.c.street, c.category == shard_list.c.category, *open_in_span)
             .lateral()
         )
         query = select(ranked).select_from(shard_list.join(ranked, true()))
@@ -426,16 +427,7 @@ class ClusterWords:
 
     @classmethod
     def read(cls, session, keys) -> "ClusterWords":
-        found = {}
-        keys = sorted(keys)
-        for start in range(0, len(keys), 1000):
-            for key, text in session.execute(
-                select(cluster_words.c.cluster_key, cluster_words.c.words).where(
-                    cluster_words.c.cluster_key.in_(keys[start : start + 1000])
-                )
-            ):
-                found[key] = frozenset(text.split("\n"))
-        return cls(found)
+        return cls(_stored_words(session, keys))
 
     def read_whole(self, session, keys) -> None:
         """The words of every case of these clusters, from the projection (and WORDS)."""
@@ -468,7 +460,7 @@ class ClusterWords:
         whole again on its next arrival unlike its recent cases."""
         unknown = [key for key in keys if key not in self.words]
         if unknown:
-            self.words.update(ClusterWords.read(session, unknown).words)
+            self.words.update(_stored_words(session, unknown))
             unread = [key for key in unknown if key not in self.words]
             if unread:
                 self.read_whole(session, unread)
@@ -511,6 +503,19 @@ class ClusterWords:
                     for key, more in sorted(self.appended.items())
                 ],
             )
+
+
+def _stored_words(session, keys) -> dict[str, frozenset]:
+    """``{cluster key: its words}`` of those of ``keys`` that have a row in ``supervision_cluster_words``."""
+    found, keys = {}, sorted(keys)
+    for start in range(0, len(keys), 1000):
+        for key, text in session.execute(
+            select(cluster_words.c.cluster_key, cluster_words.c.words).where(
+                cluster_words.c.cluster_key.in_(keys[start : start + 1000])
+            )
+        ):
+            found[key] = frozenset(text.split("\n"))
+    return found
 
 
 def _join(
