@@ -67,11 +67,23 @@ class Batching:
     The subclass's ``handle_message_processed(message, result, exc_info)`` settles a message."""
 
     def __init__(
-        self, *args, max_batch: int = 1, gather_seconds: float | None = None, expected_exceptions=(), **kwargs
+        self,
+        *args,
+        max_batch: int = 1,
+        gather_seconds: float | None = None,
+        batches_in_flight: int = MAX_BATCHES_IN_FLIGHT,
+        expected_exceptions=(),
+        **kwargs,
     ):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if batches_in_flight < 1:
+            raise ValueError("batches_in_flight must be at least 1")
         self.max_batch = max_batch
+        # For a handler that hands its batch to a Coalesced run (supervision's projection): the
+        # run merges what several batches hold, so a batch goes to it at once (gather 0), without
+        # waiting for the previous batch's run to end.
+        self.batches_in_flight = batches_in_flight
         # For a queue no case waits on (GATHER_OFF_THE_CASES_WAY): every batch waits this long for more,
         # whatever HUIYING_BATCH_GATHER_MS says, so that a steady trickle comes in a few batches.
         self.fixed_gather_seconds = gather_seconds
@@ -83,7 +95,7 @@ class Batching:
     def prefetch_count(self) -> int:
         """Unacknowledged messages RabbitMQ may hand this consumer: enough for a full batch in
         flight and the next one filling."""
-        return self.max_batch * (MAX_BATCHES_IN_FLIGHT + 1)
+        return self.max_batch * (self.batches_in_flight + 1)
 
     def items_of(self, body) -> list:
         """The items a message body carries (here: the body itself)."""
@@ -130,7 +142,7 @@ class Batching:
         self._schedule_flush()
 
     def _schedule_flush(self):
-        if self._flush_scheduled or self._in_flight >= MAX_BATCHES_IN_FLIGHT:
+        if self._flush_scheduled or self._in_flight >= self.batches_in_flight:
             return
         if not (self._waiting or self._alone):
             return
@@ -156,7 +168,7 @@ class Batching:
         if gather and len(self._waiting) < self.max_batch:
             eventlet.sleep(gather)
         self._flush_scheduled = False
-        while self._in_flight < MAX_BATCHES_IN_FLIGHT and (self._waiting or self._alone):
+        while self._in_flight < self.batches_in_flight and (self._waiting or self._alone):
             if self._alone:
                 batch = [self._alone.pop(0)]
             else:

@@ -18,7 +18,7 @@ from kombu import Exchange
 from nameko.events import SERVICE_POOL, EventHandler
 
 from services.common import metrics
-from services.common.batching import DEFAULT_MAX_BATCH, Batching
+from services.common.batching import DEFAULT_MAX_BATCH, MAX_BATCHES_IN_FLIGHT, Batching
 from services.common.retrying import DeadLetterQueue, ParkingQueueConsumer, retry_or_park
 from services.common.topology import WorkQueue, event_handler_queue
 
@@ -103,11 +103,19 @@ reliable_event_handler = ReliableEventHandler.decorator
 
 
 def event_batch_handler(
-    source_service: str, event_type: str, max_batch: int = DEFAULT_MAX_BATCH, gather_seconds: float | None = None
+    source_service: str,
+    event_type: str,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    gather_seconds: float | None = None,
+    batches_in_flight: int = MAX_BATCHES_IN_FLIGHT,
 ):
     """As ``reliable_event_handler``, but the method gets a list of events: every one waiting in
-    its queue, up to ``max_batch``; with ``gather_seconds``, every batch waits that long for more
-    (batching.py)."""
+    its queue, up to ``max_batch``; with ``gather_seconds``, every batch waits that long for more;
+    ``batches_in_flight`` batches may be handled at once (batching.py)."""
     return ReliableEventHandler.decorator(
-        source_service, event_type, max_batch=max_batch, gather_seconds=gather_seconds
+        source_service,
+        event_type,
+        max_batch=max_batch,
+        gather_seconds=gather_seconds,
+        batches_in_flight=batches_in_flight,
     )

@@ -49,8 +49,8 @@ class Base:
 class Entrypoint(Batching, Base):
     method_name = "handle"
 
-    def __init__(self, handler, max_batch=50, several_per_message=False, gather_seconds=None):
-        super().__init__(max_batch=max_batch, gather_seconds=gather_seconds)
+    def __init__(self, handler, max_batch=50, several_per_message=False, gather_seconds=None, batches_in_flight=1):
+        super().__init__(max_batch=max_batch, gather_seconds=gather_seconds, batches_in_flight=batches_in_flight)
         self.container = FakeContainer(handler)
         self.several = several_per_message
         self.settled, self.items_failed = [], []
@@ -246,6 +246,40 @@ def test_with_a_gather_time_a_batch_waits_for_more_but_no_longer_than_the_previo
     # a queue no case waits on gathers for its own time, whatever the setting and the last batch:
     # the first message waits too, and the three arrive within it
     assert batches(0, first_takes=0, own_gather=0.2) == [[1, 2, 3]]
+
+
+def test_with_batches_in_flight_a_batch_goes_to_a_worker_while_the_previous_one_is_handled():
+    """As supervision's queues of routing's events, whose batches the projection's run merges."""
+    import time
+
+    import eventlet
+
+    def started_at(batches_in_flight):
+        started = {}
+
+        def handle(items):
+            started[items[0]] = time.monotonic()
+            eventlet.sleep(0.2)
+
+        point = Entrypoint(handle, gather_seconds=0, batches_in_flight=batches_in_flight)
+        container = point.container
+        container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
+        run_worker = container.spawn_worker
+        container.spawn_worker = lambda *args, **kwargs: eventlet.spawn(run_worker, *args, **kwargs)
+        point.setup()
+        sent = time.monotonic()
+        point.handle_message(1, "m1")
+        eventlet.sleep(0.05)
+        point.handle_message(2, "m2")
+        eventlet.sleep(0.5)
+        assert container.batches == [[1], [2]] and point.settled == [("m1", None), ("m2", None)]
+        assert point.prefetch_count == 50 * (batches_in_flight + 1)
+        return started[2] - sent
+
+    assert started_at(1) >= 0.2  # waited for the first batch to be handled
+    assert started_at(2) < 0.15  # handed over at once
+    with pytest.raises(ValueError, match="batches_in_flight"):
+        Entrypoint(lambda items: None, batches_in_flight=0)
 
 
 def test_the_gather_time_setting_is_milliseconds_and_a_bad_value_is_named(monkeypatch):
