@@ -146,51 +146,34 @@ def record_cases_received(session, events: list[dict], settings: dict, to_place:
     fresh = list({e["case_id"]: e for e in by_event.values() if e["event_id"] in fresh_ids}.values())
     if not fresh:
         return []
-    # A new case is written once, whole; only a case that one of routing's events started (it
-    # overtook this one) is updated, keeping what that event set and this one lacks.
+    # A new case is written once, whole; a case that one of routing's events started (it
+    # overtook this one: the usual order, supervision's queue of intake's events gathers) gets
+    # what this event says, keeping what routing's set and this one lacks. One upsert for both,
+    # returning each case as it then stands, to be placed in its cluster.
     rows = [
         _new_case_row(e, datetime.fromisoformat(e["received_at"]))
         | dict(source=e["source"], title=e["title"], description=e.get("description"))
         | dict(residents_affected=e.get("residents_affected"))
         for e in fresh
     ]
-    started = set(insert_many_ignoring_duplicates(session, case_projection, rows, case_projection.c.case_id))
     c = case_projection.c
-    overtaken = [e for e in fresh if e["case_id"] not in started]
-    if overtaken:
-        session.execute(
-            update(case_projection)
-            .where(c.case_id == bindparam("b_case_id"))
-            .values(
-                source=bindparam("b_source"),
-                title=bindparam("b_title"),
-                description=bindparam("b_description"),
-                received_at=bindparam("b_received_at", type_=c.received_at.type),
-                residents_affected=bindparam("b_residents_affected"),
-                kind=func.coalesce(bindparam("b_kind", type_=c.kind.type), c.kind),
-                category=func.coalesce(bindparam("b_category", type_=c.category.type), c.category),
-                street=func.coalesce(bindparam("b_street", type_=c.street.type), c.street),
-                changed_at=bindparam("b_changed_at", type_=c.changed_at.type),
-            ),
-            [
-                {
-                    "b_case_id": e["case_id"],
-                    "b_source": e["source"],
-                    "b_title": e["title"],
-                    "b_description": e.get("description"),
-                    "b_received_at": datetime.fromisoformat(e["received_at"]),
-                    "b_residents_affected": e.get("residents_affected"),
-                    "b_kind": e.get("kind"),
-                    "b_category": e.get("category"),
-                    "b_street": e.get("street"),
-                    "b_changed_at": now(),
-                }
-                for e in overtaken
-            ],
-        )
-    as_stored = [SimpleNamespace(**row) for row in rows if row["case_id"] in started]
-    if overtaken:
-        as_stored += session.execute(select(*CLUSTERING).where(c.case_id.in_([e["case_id"] for e in overtaken]))).all()
+    upsert = dialect_insert(session, case_projection)
+    given = upsert.excluded
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[c.case_id],
+        set_=dict(
+            source=given.source,
+            title=given.title,
+            description=given.description,
+            received_at=given.received_at,
+            residents_affected=given.residents_affected,
+            kind=func.coalesce(given.kind, c.kind),
+            category=func.coalesce(given.category, c.category),
+            street=func.coalesce(given.street, c.street),
+            changed_at=given.changed_at,
+        ),
+    ).returning(*CLUSTERING)
+    as_stored = session.execute(upsert, rows).all()
     _place_now_or_later(session, as_stored, settings, to_place)
     return [e["case_id"] for e in fresh]
 
@@ -376,10 +359,15 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
         by_cluster[row.cluster_key].append(row)
     unions = ClusterWords.read(session, beyond)
     unlike = set()  # clusters read in part, which some arrival is like none of those read to
+    words_of_arrivals = {  # each arrival's words made once, not once for each cluster of its shard
+        case.case_id: WORDS.put(case.case_id, case.title, case.description)
+        for shard in {shard for shard in beyond.values()}
+        for case in by_shard[shard]
+    }
     for key, shard in beyond.items():
         rows = by_cluster[key]
         for arrival in by_shard[shard]:
-            arrival_words = WORDS.put(arrival.case_id, arrival.title, arrival.description)
+            arrival_words = words_of_arrivals[arrival.case_id]
             if any(
                 abs(row.received_at - arrival.received_at) <= window
                 and similarity(arrival_words, words[row.case_id]) >= threshold
@@ -585,14 +573,20 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     if overtaking:  # these events overtook intake's case_received: the case starts from them
         # in case order, as every writer of these rows takes them (no deadlock with intake's event)
         started = [_new_case_row(overtaking[case_id], _at(overtaking[case_id])) for case_id in sorted(overtaking)]
-        insert_many_ignoring_duplicates(session, case_projection, started, c.case_id)
+        inserted = dialect_insert(session, case_projection).on_conflict_do_nothing().returning(*case_projection.c)
+        cases.update((row.case_id, row._asdict()) for row in session.execute(inserted, started))
         register_shards(session, [(row["street"], row["category"]) for row in started])
-        cases.update(
-            (row.case_id, row._asdict())
-            for row in session.execute(
-                select(case_projection).where(c.case_id.in_(list(overtaking))).order_by(c.case_id).with_for_update()
+        started_meanwhile = [case_id for case_id in overtaking if case_id not in cases]  # by another batch
+        if started_meanwhile:
+            cases.update(
+                (row.case_id, row._asdict())
+                for row in session.execute(
+                    select(case_projection)
+                    .where(c.case_id.in_(started_meanwhile))
+                    .order_by(c.case_id)
+                    .with_for_update()
+                )
             )
-        )
     categories_before = {case_id: case["category"] for case_id, case in cases.items()}
     changed_columns = defaultdict(set)
     new_referrals, referral_changes, due_changed = [], {}, set()

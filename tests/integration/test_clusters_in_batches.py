@@ -146,14 +146,15 @@ def referral_of(received: dict) -> dict:
     }
 
 
-def test_cases_whose_referral_came_first_are_completed_and_clustered_by_intakes_event(db):
+@pytest.mark.parametrize("database", ["postgresql", "sqlite"])
+def test_cases_whose_referral_came_first_are_completed_and_clustered_by_intakes_event(db, database):
     """Supervision's queue of intake's events gathers for a while, so routing's case_referred
     usually starts a case's row (with no text yet) and intake's case_received completes it: the
     case then has intake's title and moment, and the clusters are still those of all pairs."""
     rng = random.Random(11)
     events = scenario(rng, 160)
     referred_first = rng.sample(events, 100)
-    sessions = sessionmaker(db)
+    sessions = sessionmaker(sqlite_engine() if database == "sqlite" else db)
     record_in_batches(sessions, rng, [referral_of(e) for e in referred_first])
     record_in_batches(sessions, rng, events)
     assert_clusters_of_all_pairs(sessions, events)
