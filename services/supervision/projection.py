@@ -361,7 +361,7 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
     unlike = set()  # clusters read in part, which some arrival is like none of those read to
     words_of_arrivals = {  # each arrival's words made once, not once for each cluster of its shard
         case.case_id: WORDS.put(case.case_id, case.title, case.description)
-        for shard in {shard for shard in beyond.values()}
+        for shard in set(beyond.values())
         for case in by_shard[shard]
     }
     for key, shard in beyond.items():
