@@ -58,8 +58,10 @@ def test_up_load_submit_show_status_down(stack_env):
     assert submitted["created"] is True
 
     def shown():
+        """The record once intake's event is in it (routing's may be projected first)."""
         result = huiying(stack_env, "case", "show", submitted["id"], "--json")
-        return json.loads(result.stdout) if result.returncode == 0 else None
+        record = json.loads(result.stdout) if result.returncode == 0 else None
+        return record if record and "case_received" in [step["event"] for step in record["timeline"]] else None
 
     record = wait_for(shown, timeout=20, interval=0.5)
     assert record["street"] == "yuanshan" and record["timeline"][0]["event"] == "case_received"

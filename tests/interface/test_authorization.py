@@ -57,8 +57,11 @@ def stack(run_services, rpc, demo_directory, tmp_path, monkeypatch):
                 "street": street,
             }
         )["id"]
-
-        return wait_routed(rpc, case_id)
+        routed = wait_routed(rpc, case_id)
+        # and the case's whole record in supervision: its text comes with intake's event, whose
+        # queue there gathers for a quarter of a second (routing's may come first)
+        wait_for(lambda: _supervision_title(rpc, case_id) == title)
+        return routed
 
     a_case = submit("AUTH-A", A_TITLE, A_DESCRIPTION, "平湖")
     b_case = submit("AUTH-B", B_TITLE, B_DESCRIPTION, "南湾")
@@ -80,6 +83,13 @@ def stack(run_services, rpc, demo_directory, tmp_path, monkeypatch):
             return keys[who]
 
     return Stack()
+
+
+def _supervision_title(rpc, case_id: str) -> str | None:
+    try:
+        return rpc.supervision.get_case_record(case_id)["title"]
+    except Exception:  # not projected yet
+        return None
 
 
 def assert_none_of(body: str, secrets, where: str):
