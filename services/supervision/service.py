@@ -53,11 +53,6 @@ EVALUATION_GATHER_SECONDS = 0.5
 # Batches of one queue of routing's events handed to the projection at once: one in the run,
 # the others waiting to go into the next together (nameko's max_workers bounds them all).
 PROJECTION_BATCHES_IN_FLIGHT = 4
-# Intake's events in one projection run: a run of a quarter of a second's events (about 66 at 200
-# cases/s, placed in clusters in 53 ms at the median, 154 ms at p99) held up every referral that
-# arrived meanwhile; in runs of 20 (32 / 88 ms) the referrals' hop to the board went from p99
-# 194 to 174 ms, for more CPU in a burst (one placing run for 20 cases instead of 200).
-INTAKE_EVENTS_PER_RUN = 20
 # The evaluation after events takes at most this share of the time: under a sustained load its
 # clusters are large and its runs long (0.15-0.35 s each at 200 cases/s in bench/e2e.py, with
 # 8,000 cases open), and back to back they would leave the projection, in the same process and
@@ -168,12 +163,12 @@ class SupervisionService(ServiceBase):
     # Intake's case_received is off a case's way to the board: routing's event about the case
     # (case_referred or case_needs_triage) follows within milliseconds and starts the case's row
     # on its own (projection.py), which intake's event completes. So its queue gathers for a
-    # while, and its batch goes to the projection a few cases a run (placing them in clusters is
-    # the longest part of a run, and routing's events wait for the run going on).
+    # while: runs of many cases each, placed in clusters together. (Runs of at most 20 of them,
+    # so that routing's events waited less for a run of intake's, cost more CPU for the same p99:
+    # bench/e2e.py, README.)
     @event_batch_handler("intake", "case_received", gather_seconds=GATHER_OFF_THE_CASES_WAY)
     def on_case_received(self, events: list):
-        for start in range(0, len(events), INTAKE_EVENTS_PER_RUN):
-            self._project(events[start : start + INTAKE_EVENTS_PER_RUN])
+        self._project(events)
 
     # One handler, one queue per routing event type (nameko names each queue after the type).
     @into_the_projection("case_referred")
