@@ -278,12 +278,18 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
         window = timedelta(days=settings["cluster_window_days"])
         received = [case.received_at for shard in shards for case in by_shard[shard]]
         span = (min(received) - window, max(received) + window)
-        arriving = {case.case_id for shard in shards for case in by_shard[shard]}
+        # each arrival's words, made once for reading its shard's clusters and for joining one
+        arriving = {
+            case.case_id: WORDS.put(case.case_id, case.title, case.description)
+            for shard in shards
+            for case in by_shard[shard]
+        }
         peers, unions = _peers(session, shards, span, arriving, settings, by_shard, window)
         for shard in shards:
             _join(
                 session,
                 sorted(by_shard[shard], key=lambda case: (case.received_at, case.case_id)),
+                arriving,
                 peers[shard],
                 window,
                 settings,
@@ -305,7 +311,7 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
 FIRST_COMPARED = 3  # a cluster's most recent cases, which a new case is compared with first
 
 
-def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by_shard: dict, window):
+def _peers(session, shards: list, span: tuple, arriving: dict, settings: dict, by_shard: dict, window):
     """``({shard: its open cases a new case may join, in the order they were received}, the
     clusters' words)``. Read in steps, so that a batch does not read every open case of its
     shards: each cluster's ``FIRST_COMPARED`` most recent cases; then every case only of the
@@ -359,15 +365,10 @@ def _peers(session, shards: list, span: tuple, arriving: set, settings: dict, by
         by_cluster[row.cluster_key].append(row)
     unions = ClusterWords.read(session, beyond)
     unlike = set()  # clusters read in part, which some arrival is like none of those read to
-    words_of_arrivals = {  # each arrival's words made once, not once for each cluster of its shard
-        case.case_id: WORDS.put(case.case_id, case.title, case.description)
-        for shard in set(beyond.values())
-        for case in by_shard[shard]
-    }
     for key, shard in beyond.items():
         rows = by_cluster[key]
         for arrival in by_shard[shard]:
-            arrival_words = words_of_arrivals[arrival.case_id]
+            arrival_words = arriving[arrival.case_id]
             if any(
                 abs(row.received_at - arrival.received_at) <= window
                 and similarity(arrival_words, words[row.case_id]) >= threshold
@@ -507,11 +508,19 @@ def _stored_words(session, keys) -> dict[str, frozenset]:
 
 
 def _join(
-    session, arrivals: list, peers: list[_Peer], window: timedelta, settings: dict, keys: dict, unions: ClusterWords
+    session,
+    arrivals: list,
+    arriving: dict,
+    peers: list[_Peer],
+    window: timedelta,
+    settings: dict,
+    keys: dict,
+    unions: ClusterWords,
 ) -> None:
-    """The arrivals of one shard join its clusters, in order; ``keys`` gets each one's key."""
+    """The arrivals of one shard join its clusters, in order (``arriving``: each one's words);
+    ``keys`` gets each one's key."""
     for case in arrivals:
-        words = WORDS.put(case.case_id, case.title, case.description)
+        words = arriving[case.case_id]
         joined = clusters_to_join(
             words,
             ((peer.key, peer) for peer in peers if abs(peer.received_at - case.received_at) <= window),

@@ -188,9 +188,9 @@ class SupervisionService(ServiceBase):
     def _project(self, events: list):
         """Every event queue's batches are projected by one run at a time in this process, with
         what the other queues' workers handed over meanwhile, in one transaction (Coalesced).
-        Routing's case_referred arrives while intake's case_received for the same case is being
-        projected: as separate transactions, one waited for the other's locks on the case and its
-        shard, and most of a referral's way to the board was that wait (bench/e2e.py's stages)."""
+        As separate transactions, intake's events and routing's waited for each other's locks on
+        the cases and their shards (bench/e2e.py's stages; tried again on 1 Dec with intake's
+        events gathered: routing's runs took 55 ms instead of 20-25, README)."""
         projecting = self.state.setdefault("projecting", Coalesced("projection"))
         try:
             projecting(events, self._project_together)
