@@ -237,6 +237,22 @@ def take_messages(amqp_uri: str, queue: Queue, count: int, timeout: float = 10) 
     return found
 
 
+def wait_supervised(rpc, case_id: str, timeout: float = 15) -> dict:
+    """Supervision's record of ``case_id`` once both intake's event (the case's text, its
+    cluster) and routing's first (its referral or triage) are in it: its queue of intake's events
+    gathers for a quarter of a second, so routing's is often projected first."""
+
+    def whole():
+        try:
+            record = rpc.supervision.get_case_record(case_id)
+        except Exception:  # not projected yet
+            return None
+        events = {step["event"] for step in record["timeline"]}
+        return record if "case_received" in events and events & {"case_referred", "case_needs_triage"} else None
+
+    return wait_for(whole, timeout=timeout)
+
+
 def wait_routed(rpc, case_id: str, timeout: float = 15) -> dict:
     """Routing's record of ``case_id`` once routing has decided it (referred or triaged)."""
 

@@ -16,7 +16,7 @@ import requests
 from sqlalchemy import text
 
 from services.routing.referrals import EXPORT_COLUMNS
-from tests.conftest import DEMO_DIRECTORY, wait_for, wait_routed
+from tests.conftest import DEMO_DIRECTORY, wait_for, wait_routed, wait_supervised
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
@@ -58,9 +58,7 @@ def stack(run_services, rpc, demo_directory, tmp_path, monkeypatch):
             }
         )["id"]
         routed = wait_routed(rpc, case_id)
-        # and the case's whole record in supervision: its text comes with intake's event, whose
-        # queue there gathers for a quarter of a second (routing's may come first)
-        wait_for(lambda: _supervision_title(rpc, case_id) == title)
+        wait_supervised(rpc, case_id)  # the title there comes with intake's event
         return routed
 
     a_case = submit("AUTH-A", A_TITLE, A_DESCRIPTION, "平湖")
@@ -83,13 +81,6 @@ def stack(run_services, rpc, demo_directory, tmp_path, monkeypatch):
             return keys[who]
 
     return Stack()
-
-
-def _supervision_title(rpc, case_id: str) -> str | None:
-    try:
-        return rpc.supervision.get_case_record(case_id)["title"]
-    except Exception:  # not projected yet
-        return None
 
 
 def assert_none_of(body: str, secrets, where: str):

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from nameko.testing.services import entrypoint_hook
 
 from huiying.cli import main
-from tests.conftest import DEMO_DIRECTORY, wait_for
+from tests.conftest import DEMO_DIRECTORY, wait_for, wait_supervised
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
@@ -45,13 +45,7 @@ def env(run_services, rabbit_config, monkeypatch, tmp_path, rpc):
                 **extra,
             }
         )["id"]
-        wait_for(
-            lambda: (
-                len(json.loads(cli("case", "show", case_id, "--json", ok=False).stdout or "{}").get("referrals", []))
-                > 0
-            ),
-            timeout=15,
-        )
+        wait_supervised(rpc, case_id)
         return case_id
 
     return cli, submit, rules
