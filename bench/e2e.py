@@ -45,6 +45,7 @@ import requests
 from kombu import Connection, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench import looplag
 from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
 from huiying.mail_sink import SmtpSink
@@ -193,8 +194,8 @@ class Autovacuum:
     lives minutes, not the months a deployment's does: its tables are young, not unvisited) it
     applies autovacuum's default thresholds to each table of the benchmark's database — VACUUM
     when dead rows exceed 50 + 20 % of the live ones, ANALYZE when rows changed since the last
-    analyze exceed 50 + 10 % — as the server's own launcher would. Its work counts in
-    PostgreSQL's CPU, as autovacuum's would."""
+    analyze exceed 50 + 10 % — as the server's own launcher would, with its cost-based delay.
+    Its work counts in PostgreSQL's CPU, as autovacuum's would."""
 
     NAPTIME_SECONDS = 15
 
@@ -204,6 +205,17 @@ class Autovacuum:
         cursor = self.connection.cursor()
         cursor.execute("SHOW autovacuum")
         self.needed = cursor.fetchone()[0] == "off"
+        # Autovacuum's workers pause as they go (cost-based delay: 2 ms per 200 page costs by
+        # default) so as not to starve the queries beside them; a plain VACUUM does not pause.
+        # The stand-in takes the server's autovacuum settings, so that its bursts weigh on the
+        # services as autovacuum's would (unthrottled, they took a core for a moment).
+        cursor.execute("SELECT current_setting('autovacuum_vacuum_cost_delay')")
+        delay = cursor.fetchone()[0]
+        cursor.execute("SELECT current_setting('autovacuum_vacuum_cost_limit')::int")
+        limit = cursor.fetchone()[0]
+        cursor.execute("SELECT set_config('vacuum_cost_delay', %s, false)", (delay,))
+        if limit > 0:  # -1: autovacuum uses vacuum_cost_limit, as this session then does
+            cursor.execute("SELECT set_config('vacuum_cost_limit', %s, false)", (str(limit),))
         self.done = threading.Event()
         self.tables_done = 0  # VACUUMs and ANALYZEs run
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -263,24 +275,34 @@ class Meter:
         return pids
 
     def _read(self) -> dict:
-        cpu = {name: sum(_cpu_seconds(pid) for pid in pids if pid) for name, pids in self._pids().items()}
+        pids = self._pids()
+        cpu = {name: sum(_cpu_seconds(pid) for pid in group if pid) for name, group in pids.items()}
+        waited = {name: sum(_runqueue_seconds(pid) for pid in group if pid) for name, group in pids.items()}
         database = self.stack.engine.url.database
         commits = self.stack.scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = :d", d=database)
-        return {"cpu": cpu, "commits": commits, "messages": _vhost_messages(self.stack.vhost), "runs": self._runs()}
+        return {
+            "cpu": cpu,
+            "waited": waited,
+            "commits": commits,
+            "messages": _vhost_messages(self.stack.vhost),
+            **self._scrape(),
+        }
 
-    def _runs(self) -> dict:
-        """Each service's ``huiying_run_seconds`` and ``huiying_run_items`` sums and counts, from
-        its /metrics: ``{service: {run: [runs, seconds, items]}}``."""
-        found = {}
+    def _scrape(self) -> dict:
+        """From each service's /metrics: ``runs``, its ``huiying_run_seconds`` and
+        ``huiying_run_items`` sums and counts (``{service: {run: [runs, seconds, items]}}``), and
+        ``lag``, its ``huiying_loop_lag_seconds`` buckets (``{service: {le: cumulative count}}``)."""
+        runs, lag = {}, {}
         for service in SERVICES:
-            runs = found.setdefault(service, defaultdict(lambda: [0, 0.0, 0]))
+            by_run = runs.setdefault(service, defaultdict(lambda: [0, 0.0, 0]))
             text = requests.get(self.stack.url(service) + "/metrics", timeout=10).text
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    column = RUN_SAMPLES.get(sample.name)
-                    if column is not None:
-                        runs[sample.labels["run"]][column] = sample.value
-        return found
+            samples = [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+            for sample in samples:
+                column = RUN_SAMPLES.get(sample.name)
+                if column is not None:
+                    by_run[sample.labels["run"]][column] = sample.value
+            lag[service] = looplag.read(samples)
+        return {"runs": runs, "lag": lag}
 
     def start(self):
         self.before = self._read()
@@ -289,6 +311,7 @@ class Meter:
         time.sleep(6)  # RabbitMQ's management statistics are refreshed every 5 s
         after = self._read()
         cpu = {name: after["cpu"][name] - self.before["cpu"][name] for name in after["cpu"]}
+        waited = {name: after["waited"][name] - self.before["waited"][name] for name in after["waited"]}
         runs = {}
         for service, by_run in after["runs"].items():
             for run, (count, seconds, items) in by_run.items():
@@ -302,11 +325,18 @@ class Meter:
                         "items_per_run": round(items / count, 1),
                     }
         return {
+            "loop_lag_ms": {
+                service: looplag.summary(self.before["lag"].get(service, {}), buckets)
+                for service, buckets in after["lag"].items()
+            },
             # every run of work taken together (a queue's batch, supervision's projection run, its
             # evaluation after events, its sweep): how many, how long, how many items each
             "runs": runs,
             "cpu_ms_per_case": {name: round(1000 * seconds / cases, 2) for name, seconds in cpu.items()},
             "cpu_ms_per_case_total": round(1000 * sum(cpu.values()) / cases, 1),
+            # time the processes were ready to run and waited for a core (the kernel's schedstat):
+            # what contention for the two cores adds to a case's way, beside the CPU it uses
+            "runqueue_wait_ms_per_case": {name: round(1000 * seconds / cases, 2) for name, seconds in waited.items()},
             "database_transactions_per_case": round((after["commits"] - self.before["commits"]) / cases, 2),
             "broker_messages_per_case": {
                 kind: round((after["messages"][kind] - self.before["messages"][kind]) / cases, 2)
@@ -325,6 +355,22 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:  # the process has gone (a postgres backend that closed)
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _runqueue_seconds(pid: int) -> float:
+    """Seconds the threads of ``pid`` have spent ready to run, waiting for a core
+    (``/proc/PID/task/TID/schedstat``: on-CPU ns, run-queue wait ns, time slices)."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0.0
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # the thread has gone, or no schedstat here
+            continue
+    return total / 1e9
 
 
 def _vhost_messages(vhost: str) -> dict:

@@ -30,6 +30,7 @@ from pathlib import Path
 import psycopg2
 import requests
 
+from bench import looplag
 from bench.profiling import sampled
 from services.common.migrations import upgrade
 from services.common.timeutil import now
@@ -100,9 +101,11 @@ def connections(vhost: str) -> list[str]:
     return sorted(c["name"] for c in response.json() if c.get("vhost") == vhost)
 
 
-def sweep_pass(db, process, timeout: float, prepare: str, profile: bool = False) -> dict:
+def sweep_pass(db, process, url: str, timeout: float, prepare: str, profile: bool = False) -> dict:
     """Run ``prepare`` (SQL marking shards due), then wait until every shard has been swept
-    (with ``profile``, py-spy samples the process meanwhile: bench/profiling.py)."""
+    (with ``profile``, py-spy samples the process meanwhile: bench/profiling.py). ``url``: the
+    process's HTTP address, for its event loop's lag over the pass (``loop_lag_ms``)."""
+    lag_before = looplag.scrape(url)
     with sampled(profile, {"supervision": process.pid}, "bench-sweep") as profiled:
         with db.cursor() as cursor:
             cursor.execute(prepare)
@@ -132,6 +135,8 @@ def sweep_pass(db, process, timeout: float, prepare: str, profile: bool = False)
         "sweep_s": round(float(sweep_seconds), 1),
         "evaluated": evaluated,
         "new_decisions": decisions,
+        # how long the process's other greenthreads (AMQP heartbeats, events, HTTP) waited at worst
+        "loop_lag_ms": looplag.summary(lag_before, looplag.scrape(url)),
     } | ({"profile": profiled["supervision"]} if profiled.get("supervision") else {})
 
 
@@ -182,16 +187,17 @@ def main():
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         time.sleep(8)  # started and connected
         before = connections(vhost)
+        url = "http://" + env["HUIYING_SUPERVISION_ADDRESS"]
         every_shard_due = "UPDATE supervision_sweep_shards SET swept_at = NULL"
-        report["first"] = sweep_pass(db, process, args.timeout, every_shard_due, args.profile == "first")
+        report["first"] = sweep_pass(db, process, url, args.timeout, every_shard_due, args.profile == "first")
         whole = every_shard_due + ", whole_on = NULL"
-        report["whole"] = sweep_pass(db, process, args.timeout, whole, args.profile == "whole")
+        report["whole"] = sweep_pass(db, process, url, args.timeout, whole, args.profile == "whole")
         one_percent = max(1, args.cases // 100)
         changed = (
             f"UPDATE supervision_cases SET changed_at = now() WHERE case_id IN"
             f" (SELECT case_id FROM supervision_cases ORDER BY random() LIMIT {one_percent}); {every_shard_due}"
         )
-        report["incremental"] = sweep_pass(db, process, args.timeout, changed, args.profile == "incremental") | {
+        report["incremental"] = sweep_pass(db, process, url, args.timeout, changed, args.profile == "incremental") | {
             "cases_changed": one_percent
         }
         status = Path(f"/proc/{process.pid}/status").read_text() if process.poll() is None else ""

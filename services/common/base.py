@@ -16,6 +16,9 @@ When a message is acknowledged is chosen per kind of entrypoint, never left to n
 - timers and HTTP carry no message: a timer's next tick, or the HTTP client, tries again.
 """
 
+import time
+
+import eventlet
 from nameko.dependency_providers import Config
 from nameko.extensions import DependencyProvider
 from nameko.timer import timer
@@ -47,6 +50,31 @@ class DeclaredTopology(DependencyProvider):
         declare_all(self.container.config["AMQP_URI"])
 
 
+class LoopLagProbe(DependencyProvider):
+    """Asks the event loop to wake it every ``INTERVAL`` and records how much later it woke
+    (``huiying_loop_lag_seconds``): the delay every greenthread of the service meets at that
+    moment — behind code that does not yield, or behind other processes for a core."""
+
+    INTERVAL = 0.01
+    _thread = None
+
+    def start(self):
+        self._thread = self.container.spawn_managed_thread(self._probe, identifier="loop lag probe")
+
+    def stop(self):
+        if self._thread is not None:
+            self._thread.kill()
+
+    def kill(self):
+        self.stop()
+
+    def _probe(self):
+        while True:
+            asked = time.monotonic()
+            eventlet.sleep(self.INTERVAL)
+            metrics.LOOP_LAG.observe(max(0.0, time.monotonic() - asked - self.INTERVAL))
+
+
 class ServiceBase:
     name: str
     relay: OutboxRelay
@@ -56,6 +84,7 @@ class ServiceBase:
     dispatch = BatchPublishing()  # callable as nameko's EventDispatcher; publishes batches too
     state = ContainerState()
     topology = DeclaredTopology()
+    loop_lag = LoopLagProbe()
 
     def publish_events(self):
         """Publish the events this process has just committed (called after each commit)."""

@@ -17,6 +17,10 @@ What is measured, and where:
   background runs (``Coalesced``, ``InBackground``) — how long it took and how many items it
   held. Their sums over a minute say how busy each is: a projection run busy nearly all the time
   is what a case waits behind (bench/e2e.py reports them per run of the benchmark).
+- ``huiying_loop_lag_seconds``: how late the service's event loop wakes a greenthread that asked
+  to sleep 10 ms (base.LoopLagProbe). Every greenthread of a service shares one OS thread: code
+  that computes for 50 ms without yielding holds every other one (a projection run's next
+  statement, an HTTP request) that long, as does a process waiting for a core.
 """
 
 from datetime import datetime
@@ -56,6 +60,11 @@ RUN_ITEMS = Histogram(
     "How many items (events, tickets, deliveries, cases) a run of work took together",
     ["run"],
     buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000),
+)
+LOOP_LAG = Histogram(
+    "huiying_loop_lag_seconds",
+    "How much later than asked a 10 ms sleep of the service's event loop woke (base.LoopLagProbe)",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
 NOTIFICATION_FAILURES = Counter(
     "huiying_notification_failures_total", "Deliveries that failed: retried or parked", ["channel", "outcome"]
