@@ -382,7 +382,29 @@ def _vhost_messages(vhost: str) -> dict:
     return {"published": stats.get("publish", 0), "delivered": stats.get("deliver_get", 0)}
 
 
-WALL_CLOCK = time.time() - time.perf_counter()  # perf_counter + this = the services' clock (same machine)
+class WallClock:
+    """Turns the bench's perf_counter moments into the services' wall-clock time (same machine),
+    from the two clocks read at the start and the end of a run and interpolated in between: a
+    virtual machine's wall clock may drift from its monotonic one (this one's gained 5 ms a
+    second on 2 Dec, a second over a full run), and the hops' split would drift with it."""
+
+    def __init__(self):
+        self.start = (time.perf_counter(), time.time())
+
+    def stop(self):
+        self.end = (time.perf_counter(), time.time())
+        (p1, w1), (p2, w2) = self.start, self.end
+        self.rate = (w2 - w1) / (p2 - p1) if p2 > p1 else 1.0
+
+    def wall(self, moment: float) -> float:
+        p1, w1 = self.start
+        return w1 + (moment - p1) * self.rate
+
+    def drift_ms(self) -> int:
+        """How far the wall clock moved from perf_counter over the run."""
+        (p1, w1), (p2, w2) = self.start, self.end
+        return round(((w2 - w1) - (p2 - p1)) * 1000)
+
 
 # Each hop of a case's way, from the moments the services record in their transactions: intake
 # storing the case (its case_received outbox row) and routing recording and referring it (one
@@ -398,15 +420,15 @@ STAGES_SQL = """
 STAGES = ("stored_by_intake", "referred_by_routing", "visible_in_supervision")
 
 
-def stages(stack, accepted_wall: dict[str, float], watcher) -> dict:
+def stages(stack, accepted: dict[str, float], watcher, clock: WallClock) -> dict:
     """p50, p95 and p99 of each hop (ms): accepted → stored by intake → recorded and referred by
     routing → visible in supervision."""
     hops = defaultdict(list)
-    for external_id, stored, referred in stack.rows(STAGES_SQL, ids=list(accepted_wall)):
+    for external_id, stored, referred in stack.rows(STAGES_SQL, ids=list(accepted)):
         seen = watcher.seen.get(external_id)
         if seen is None:
             continue
-        points = [accepted_wall[external_id], float(stored), float(referred), seen + WALL_CLOCK]
+        points = [clock.wall(accepted[external_id]), float(stored), float(referred), clock.wall(seen)]
         for name, before, after in zip(STAGES, points, points[1:]):
             hops[name].append(after - before)
     return {
@@ -422,9 +444,11 @@ def run(stack, senders, watcher, prefix, count, rate, http_share, timeout) -> di
     confirmed, its HTTP request answered); ``from_scheduled_`` from the moment it was to be sent,
     which adds the time the senders waited for intake to accept it."""
     payloads = [case_payload(i, SOURCE, prefix) for i in range(count)]
+    clock = WallClock()
     start = senders.offer(payloads, rate, http_share)
     expected = {p["external_id"] for p in payloads}
     complete = watcher.wait(expected, timeout)
+    clock.stop()
     accepted = {k: senders.accepted[k] for k in expected if k in senders.accepted}
     done = {k: watcher.seen[k] - t for k, t in accepted.items() if k in watcher.seen}
     from_scheduled = [watcher.seen[k] - senders.scheduled[k] for k in done]
@@ -438,7 +462,8 @@ def run(stack, senders, watcher, prefix, count, rate, http_share, timeout) -> di
         **percentiles(list(done.values())),
         **percentiles(from_scheduled, "from_scheduled_"),
     }
-    figures["stages"] = stages(stack, {k: t + WALL_CLOCK for k, t in accepted.items()}, watcher)
+    figures["stages"] = stages(stack, accepted, watcher, clock)
+    figures["wall_clock_drift_ms"] = clock.drift_ms()  # corrected for in the stages
     if rate:  # kept up: took them in at the rate offered, none waiting long
         figures["kept_up"] = figures["throughput_per_s"] >= 0.95 * rate and figures["from_scheduled_p99_ms"] < 1000
     return figures
