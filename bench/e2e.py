@@ -209,10 +209,11 @@ class Autovacuum:
         # default) so as not to starve the queries beside them; a plain VACUUM does not pause.
         # The stand-in takes the server's autovacuum settings, so that its bursts weigh on the
         # services as autovacuum's would (unthrottled, they took a core for a moment).
-        cursor.execute("SELECT current_setting('autovacuum_vacuum_cost_delay')")
-        delay = cursor.fetchone()[0]
-        cursor.execute("SELECT current_setting('autovacuum_vacuum_cost_limit')::int")
-        limit = cursor.fetchone()[0]
+        cursor.execute(
+            "SELECT current_setting('autovacuum_vacuum_cost_delay'),"
+            " current_setting('autovacuum_vacuum_cost_limit')::int"
+        )
+        delay, limit = cursor.fetchone()
         cursor.execute("SELECT set_config('vacuum_cost_delay', %s, false)", (delay,))
         if limit > 0:  # -1: autovacuum uses vacuum_cost_limit, as this session then does
             cursor.execute("SELECT set_config('vacuum_cost_limit', %s, false)", (str(limit),))

@@ -18,7 +18,7 @@ What is measured, and where:
   held. Their sums over a minute say how busy each is: a projection run busy nearly all the time
   is what a case waits behind (bench/e2e.py reports them per run of the benchmark).
 - ``huiying_loop_lag_seconds``: how late the service's event loop wakes a greenthread that asked
-  to sleep 10 ms (base.LoopLagProbe). Every greenthread of a service shares one OS thread: code
+  to sleep 50 ms (base.LoopLagProbe). Every greenthread of a service shares one OS thread: code
   that computes for 50 ms without yielding holds every other one (a projection run's next
   statement, an HTTP request) that long, as does a process waiting for a core.
 """
@@ -63,7 +63,7 @@ RUN_ITEMS = Histogram(
 )
 LOOP_LAG = Histogram(
     "huiying_loop_lag_seconds",
-    "How much later than asked a 10 ms sleep of the service's event loop woke (base.LoopLagProbe)",
+    "How much later than asked a 50 ms sleep of the service's event loop woke (base.LoopLagProbe)",
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
 )
 NOTIFICATION_FAILURES = Counter(
