@@ -13,7 +13,7 @@ of open cases (bench/sweep.py).
 import functools
 import itertools
 import json
-from collections import defaultdict
+from collections import defaultdict, namedtuple
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -127,6 +127,12 @@ def _case_columns():
     )
 
 
+# A row of ``_case_columns`` as a plain named tuple: SQLAlchemy's ``Row`` finds an attribute through
+# a Python ``__getattr__`` (0.6 µs a read, about 25 reads a case: 14 µs of a whole pass's 35 µs
+# per case); a named tuple reads it in a C descriptor.
+CaseRow = namedtuple("CaseRow", [column.key for column in _case_columns()])
+
+
 def _case_rows(session, which, stream: bool = True):
     """Unresolved cases meeting ``which``, each with the facts that live in other tables, ordered
     so that a cluster's cases come together (and its count is over the cluster, not the page)."""
@@ -135,13 +141,13 @@ def _case_rows(session, which, stream: bool = True):
         select(*_case_columns()).where(c.status != "closed", which).order_by(c.cluster_key, c.received_at, c.case_id)
     )
     if not stream:  # a case's cluster: a few rows, one round trip
-        return session.execute(query)
+        return map(CaseRow._make, session.execute(query))
     if session.get_bind().dialect.name == "postgresql":
         # Streamed rows come from a server-side cursor, which PostgreSQL plans for the first 10 %
         # of rows by default: it would walk the whole cluster index to skip a sort, reading every
         # case of every shard for each shard. We read every row, so plan for all of them.
         session.execute(text("SET LOCAL cursor_tuple_fraction = 1.0"))
-    return session.execute(query.execution_options(yield_per=ROWS_PER_FETCH))
+    return map(CaseRow._make, session.execute(query.execution_options(yield_per=ROWS_PER_FETCH)))
 
 
 def _target_rows(session, targets: set):
@@ -149,11 +155,12 @@ def _target_rows(session, targets: set):
     its cluster's unresolved cases: the cluster's other cases are counted in PostgreSQL, not sent."""
     c = case_projection.c
     clusters = select(*_case_columns()).where(c.status != "closed", _clusters_of(c.case_id.in_(targets))).subquery()
-    return session.execute(
+    rows = session.execute(
         select(clusters)
         .where(clusters.c.case_id.in_(targets))
         .order_by(clusters.c.cluster_key, clusters.c.received_at, clusters.c.case_id)
     )
+    return map(CaseRow._make, rows)
 
 
 def _unresolved_members(session, cluster_keys) -> dict[str, list[str]]:
