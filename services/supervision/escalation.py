@@ -86,7 +86,16 @@ def _grow_cluster_items(session, growing: list[tuple[Decision, str, list]], now)
     every other greenthread of the process meanwhile). Returns ``{item: the cases it gained}``.
 
     (Asking the database for each cluster's unlinked cases instead read every decided cluster's
-    cases again on every whole pass: 1,000,000 open cases took minutes a pass, not seconds.)"""
+    cases again on every whole pass: 1,000,000 open cases took minutes a pass, not seconds.)
+
+    On a whole pass nearly every case to check is on its own cluster's item already: those are
+    told apart first by the items' links, read by item (the links' primary key), and only the
+    others are looked up by case id across every cluster item. (Looking every case up by case id
+    made PostgreSQL join each chunk of 1,000 against every cluster item: 4.9 s of a 300,000-case
+    whole pass's 16.2 s in-process, 8-9 s on stale statistics; 1.4 s this way.)"""
+    on_item = _links_of(session, {agenda_id for _, agenda_id, _ in growing})
+    growing = [(d, agenda_id, [c for c in among if c not in on_item[agenda_id]]) for d, agenda_id, among in growing]
+    growing = [(d, agenda_id, among) for d, agenda_id, among in growing if among]
     linked = _cluster_items(session, [case_id for _, _, among in growing for case_id in among])
     links = [
         {"agenda_id": agenda_id, "case_id": case_id, "added_at": now}
@@ -181,6 +190,20 @@ def _already_taken(session, to_apply: list[Decision]) -> dict:
         ):
             known[tuple(row)[:4]] = row.agenda_id
     return known
+
+
+def _links_of(session, agenda_ids) -> dict[str, set]:
+    """``{item: its cases}`` of these agenda items (every item named gets a set, maybe empty)."""
+    agenda_ids = sorted(agenda_ids)
+    links: dict = {agenda_id: set() for agenda_id in agenda_ids}
+    for start in range(0, len(agenda_ids), 1000):
+        for agenda_id, case_id in session.execute(
+            select(agenda_cases.c.agenda_id, agenda_cases.c.case_id).where(
+                agenda_cases.c.agenda_id.in_(agenda_ids[start : start + 1000])
+            )
+        ):
+            links[agenda_id].add(case_id)
+    return links
 
 
 def _cluster_items(session, case_ids) -> dict:
