@@ -23,7 +23,7 @@ processes (`huiying up`), notify sending its e-mail to an SMTP server on loopbac
   record in their own transactions.
 - ``--profile``: py-spy samples each service during each run (bench/profiling.py).
 - on a PostgreSQL running without autovacuum (this machine's), the benchmark vacuums and analyzes
-  its own tables at autovacuum's default thresholds (``Autovacuum``), as a deployment's server would.
+  its own tables at autovacuum's default thresholds (bench/autovacuum.py), as a deployment's server would.
 """
 
 import argparse
@@ -46,6 +46,7 @@ from kombu import Connection, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import looplag
+from bench.autovacuum import Autovacuum
 from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
 from huiying.mail_sink import SmtpSink
@@ -183,67 +184,6 @@ class Watcher:
         self.running = False
         self.thread.join()
         self.connection.close()
-
-
-class Autovacuum:
-    """Stands in for PostgreSQL's autovacuum when the server runs without it (this machine's
-    PostgreSQL has ``autovacuum = off``): a deployment's tables are vacuumed and analyzed as
-    they change, and without that the planner never learns how large the benchmark's fresh
-    tables have grown (intake's duplicate check scanned every case of its source: 5 ms instead
-    of an index lookup) and updated rows bloat the heap. Every 15 s (the benchmark's database
-    lives minutes, not the months a deployment's does: its tables are young, not unvisited) it
-    applies autovacuum's default thresholds to each table of the benchmark's database — VACUUM
-    when dead rows exceed 50 + 20 % of the live ones, ANALYZE when rows changed since the last
-    analyze exceed 50 + 10 % — as the server's own launcher would, with its cost-based delay.
-    Its work counts in PostgreSQL's CPU, as autovacuum's would."""
-
-    NAPTIME_SECONDS = 15
-
-    def __init__(self, stack: Stack):
-        self.connection = psycopg2.connect(stack.database_url)
-        self.connection.autocommit = True  # VACUUM cannot run in a transaction
-        cursor = self.connection.cursor()
-        cursor.execute("SHOW autovacuum")
-        self.needed = cursor.fetchone()[0] == "off"
-        # Autovacuum's workers pause as they go (cost-based delay: 2 ms per 200 page costs by
-        # default) so as not to starve the queries beside them; a plain VACUUM does not pause.
-        # The stand-in takes the server's autovacuum settings, so that its bursts weigh on the
-        # services as autovacuum's would (unthrottled, they took a core for a moment).
-        cursor.execute(
-            "SELECT current_setting('autovacuum_vacuum_cost_delay'),"
-            " current_setting('autovacuum_vacuum_cost_limit')::int"
-        )
-        delay, limit = cursor.fetchone()
-        cursor.execute("SELECT set_config('vacuum_cost_delay', %s, false)", (delay,))
-        if limit > 0:  # -1: autovacuum uses vacuum_cost_limit, as this session then does
-            cursor.execute("SELECT set_config('vacuum_cost_limit', %s, false)", (str(limit),))
-        self.done = threading.Event()
-        self.tables_done = 0  # VACUUMs and ANALYZEs run
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        if self.needed:
-            self.thread.start()
-
-    def run(self):
-        cursor = self.connection.cursor()
-        while not self.done.wait(self.NAPTIME_SECONDS):
-            cursor.execute(
-                "SELECT relname, n_dead_tup > 50 + 0.2 * n_live_tup, n_mod_since_analyze > 50 + 0.1 * n_live_tup"
-                " FROM pg_stat_user_tables"
-            )
-            for table, vacuum, analyze in cursor.fetchall():
-                command = {(True, True): "VACUUM (ANALYZE)", (True, False): "VACUUM", (False, True): "ANALYZE"}.get(
-                    (vacuum, analyze)
-                )
-                if command:
-                    cursor.execute(f'{command} "{table}"')
-                    self.tables_done += 1
-
-    def stop(self) -> dict:
-        self.done.set()
-        if self.needed:
-            self.thread.join()
-        self.connection.close()
-        return {"stood_in_for_autovacuum": self.needed, "tables_vacuumed_or_analyzed": self.tables_done}
 
 
 def percentiles(values: list[float], prefix: str = "") -> dict:
@@ -509,7 +449,7 @@ def main():
         report["raw_broker_without_confirms"] = raw_broker(stack.amqp_uri, args.raw_messages, confirm=False)
         stack.up()
         senders, watcher, meter = Senders(stack, stack.keys["hotline"]), Watcher(stack), Meter(stack, smtp)
-        autovacuum = Autovacuum(stack)
+        autovacuum = Autovacuum(stack.database_url)
         pids = {service: stack.pid(service) for service in SERVICES}
         with sampled(args.profile, pids, "bench-e2e-burst") as profile:
             meter.start()

@@ -31,6 +31,7 @@ import psycopg2
 import requests
 
 from bench import looplag
+from bench.autovacuum import Autovacuum
 from bench.profiling import sampled
 from services.common.migrations import upgrade
 from services.common.timeutil import now
@@ -172,12 +173,13 @@ def main():
         "PYTHONPATH": str(RULES_DIR.parent),
     }
     report = {"cases": args.cases}
-    process = None
+    process = autovacuum = None
     try:
         upgrade("supervision", database_url)
         started = time.perf_counter()
         seed(database_url, args.cases, random.Random(7))
         report["seed_s"] = round(time.perf_counter() - started, 1)
+        autovacuum = Autovacuum(database_url)  # as a deployment's server would, from here on
         db = psycopg2.connect(database_url)
         db.autocommit = True
         with db.cursor() as cursor:  # nothing due until the process is up and connected
@@ -215,6 +217,8 @@ def main():
     finally:
         if process and process.poll() is None:
             process.kill()
+        if autovacuum:
+            report["maintenance"] = autovacuum.stop()
         resources.close()
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(report, indent=2))
