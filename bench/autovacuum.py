@@ -12,12 +12,12 @@ class Autovacuum:
     tables have grown (intake's duplicate check scanned every case of its source: 5 ms instead
     of an index lookup; a sweep's first pass checked each new agenda link's foreign key by
     scanning every agenda item, with the plan made while the table was empty) and updated rows
-    bloat the heap. Every 15 s (the benchmark's database
-    lives minutes, not the months a deployment's does: its tables are young, not unvisited) it
-    applies autovacuum's default thresholds to each table of the benchmark's database — VACUUM
-    when dead rows exceed 50 + 20 % of the live ones, ANALYZE when rows changed since the last
-    analyze exceed 50 + 10 % — as the server's own launcher would, with its cost-based delay.
-    Its work counts in PostgreSQL's CPU, as autovacuum's would."""
+    bloat the heap. Every 15 s (the benchmark's database lives minutes, not the months a
+    deployment's does: its tables are young, not unvisited) it applies autovacuum's default
+    thresholds to each table of the benchmark's database — VACUUM when dead rows exceed 50 + 20 %
+    of the live ones, ANALYZE when rows changed since the last analyze exceed 50 + 10 % — as the
+    server's own launcher would, with its cost-based delay. Its work counts in PostgreSQL's CPU,
+    as autovacuum's would."""
 
     NAPTIME_SECONDS = 15
 
