@@ -68,6 +68,7 @@ def broker_restart():
     rabbitmqctl("await_startup")
 
 
+@pytest.mark.alone  # every other test's connections drop with it: scripts/test runs it after the rest
 def test_a_broker_restart_mid_stream_loses_nothing_and_every_service_reconnects(make_stack, broker_restart, capsys):
     stack = make_stack()
     stack.up()
