@@ -162,7 +162,7 @@ def demo(stop, timeout, as_json):
         (demo_dir / "run").mkdir(parents=True, exist_ok=True)
         mail_pid.write_text(str(sink.process.pid))
         os.environ.update(HUIYING_SMTP_HOST="127.0.0.1", HUIYING_SMTP_PORT=str(sink.port))
-        os.environ.setdefault("HUIYING_SMS_GATEWAY_URL", f"http://127.0.0.1:{sink.port + 1}/sms")
+        os.environ.setdefault("HUIYING_SMS_GATEWAY_URL", f"http://127.0.0.1:{sink.sms_port}/sms")
     _start_stack(timeout)
 
     from services.common.topology import event_handler_queue_names

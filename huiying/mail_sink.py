@@ -3,9 +3,10 @@ benchmarks and in ``huiying demo``. It speaks just enough SMTP for smtplib (gree
 MAIL, RCPT, DATA with dot-stuffing, RSET, NOOP, QUIT) and counts what it accepted. aiosmtpd, which the tests use, parses
 every message and took a tenth of the machine in a burst; a real mail server is another machine.
 
-    .venv/bin/python -m huiying.mail_sink PORT [--sms]
+    .venv/bin/python -m huiying.mail_sink PORT [--sms [SMS_PORT]]
 
-With ``--sms`` it also answers HTTP on PORT + 1 as an SMS gateway that accepts every message.
+With ``--sms`` it also answers HTTP on SMS_PORT (PORT + 1 when not given) as an SMS gateway that
+accepts every message.
 """
 
 import asyncio
@@ -68,10 +69,10 @@ async def sms_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         writer.close()
 
 
-async def main(port: int, with_sms_gateway: bool = False):
+async def main(port: int, sms_port: int | None = None):
     server = await asyncio.start_server(session, "127.0.0.1", port, limit=2**22)
-    if with_sms_gateway:
-        await asyncio.start_server(sms_gateway, "127.0.0.1", port + 1)
+    if sms_port:
+        await asyncio.start_server(sms_gateway, "127.0.0.1", sms_port)
     async with server:
         await server.serve_forever()
 
@@ -81,13 +82,13 @@ class SmtpSink:
     process that started it (the demo's, stopped by ``huiying demo --stop``)."""
 
     def __init__(self, port: int | None = None, detached: bool = False, sms_gateway: bool = False):
-        if port is None:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-        self.port = port
+        # Both ports are found free together. (The SMS gateway used to take PORT + 1 unchecked:
+        # with the test suite's two halves running at once, that port was sometimes taken, and
+        # the sink exited at once.)
+        self.port, self.sms_port = _free_ports(2) if port is None else (port, port + 1)
+        sms = ["--sms", str(self.sms_port)] if sms_gateway else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "huiying.mail_sink", str(self.port), *(["--sms"] if sms_gateway else [])],
+            [sys.executable, "-m", "huiying.mail_sink", str(self.port), *sms],
             start_new_session=detached,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL if detached else None,
@@ -99,8 +100,13 @@ class SmtpSink:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
+                exited = self.process.poll()
+                if exited is not None:
+                    raise RuntimeError(
+                        f"the SMTP sink exited with code {exited} (is port {self.port} or {self.sms_port} taken?)"
+                    ) from None
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the SMTP sink did not start") from None
+                    raise RuntimeError("the SMTP sink did not start within 10 s") from None
                 time.sleep(0.05)
 
     def close(self):
@@ -108,5 +114,26 @@ class SmtpSink:
         self.process.wait(5)
 
 
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on loopback now (all held open while they are found)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _sms_port(args: list[str], port: int) -> int | None:
+    """``--sms [SMS_PORT]``: the SMS gateway's port (PORT + 1 when not given), or None."""
+    if "--sms" not in args:
+        return None
+    after = args[args.index("--sms") + 1 :]
+    return int(after[0]) if after else port + 1
+
+
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]), with_sms_gateway="--sms" in sys.argv))
+    port = int(sys.argv[1])
+    asyncio.run(main(port, _sms_port(sys.argv[2:], port)))
