@@ -50,7 +50,7 @@ async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
 
 
 async def sms_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-    """An SMS gateway that answers every POST with 200 (the demo's; on the SMTP port + 1)."""
+    """An SMS gateway that answers every POST with 200 (the demo's, on a port of its own)."""
     try:
         while request_line := await reader.readline():
             length = 0
@@ -70,9 +70,9 @@ async def sms_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 
 
 async def main(port: int, sms_port: int | None = None):
-    server = await asyncio.start_server(session, "127.0.0.1", port, limit=2**22)
-    if sms_port:
+    if sms_port:  # first: the SMTP port answering is the sign that both are up
         await asyncio.start_server(sms_gateway, "127.0.0.1", sms_port)
+    server = await asyncio.start_server(session, "127.0.0.1", port, limit=2**22)
     async with server:
         await server.serve_forever()
 
@@ -98,16 +98,17 @@ class SmtpSink:
         while True:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
+                if self.process.poll() is None:  # and ours is still running (it binds the SMS port first)
+                    return
             except OSError:
-                exited = self.process.poll()
-                if exited is not None:
-                    raise RuntimeError(
-                        f"the SMTP sink exited with code {exited} (is port {self.port} or {self.sms_port} taken?)"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the SMTP sink did not start within 10 s") from None
-                time.sleep(0.05)
+                pass
+            exited = self.process.poll()
+            if exited is not None:
+                ports = f"{self.port} or {self.sms_port}" if sms_gateway else str(self.port)
+                raise RuntimeError(f"the SMTP sink exited with code {exited} (is port {ports} taken?)")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the SMTP sink did not start within 10 s")
+            time.sleep(0.05)
 
     def close(self):
         self.process.terminate()
@@ -131,7 +132,7 @@ def _sms_port(args: list[str], port: int) -> int | None:
     if "--sms" not in args:
         return None
     after = args[args.index("--sms") + 1 :]
-    return int(after[0]) if after else port + 1
+    return int(after[0]) if after and after[0].isdigit() else port + 1
 
 
 if __name__ == "__main__":

@@ -198,10 +198,12 @@ def evaluate(
     case_ids=None,
     shard=None,
     changed_since=None,
+    pause=lambda: eventlet.sleep(0),
 ) -> tuple[int, list]:
     """``(cases evaluated, decisions)`` at ``now``: for the given cases, or else every unresolved
     case (of one sweep shard, when given; only the clusters with a case changed since
-    ``changed_since``, when given)."""
+    ``changed_since``, when given). ``pause()`` is called every ``YIELD_EVERY`` cases: a
+    cooperative yield, or ``GiveWay.pause`` to let the projection go first."""
     if case_ids is not None:
         if not case_ids:
             return 0, []
@@ -218,7 +220,7 @@ def evaluate(
         for case in members:
             evaluated += 1
             if evaluated % YIELD_EVERY == 0:
-                eventlet.sleep(0)
+                pause()
             facts = _row_facts(case, now, calendar, today)
             for rule in ruleset.fire("escalate", facts):
                 for action, params in rule.actions:

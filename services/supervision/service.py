@@ -21,7 +21,7 @@ from sqlalchemy import select
 from services.common import metrics
 from services.common.auth import KeyCache, actor_for, actor_for_key, require_staff
 from services.common.base import ServiceBase
-from services.common.batching import GATHER_OFF_THE_CASES_WAY, Coalesced, InBackground, RunFailed
+from services.common.batching import GATHER_OFF_THE_CASES_WAY, Coalesced, GiveWay, InBackground, RunFailed
 from services.common.db import snapshot
 from services.common.events import event_batch_handler
 from services.common.http import (
@@ -107,7 +107,7 @@ class SupervisionService(ServiceBase):
         self._record_rule_version()
         with snapshot(self.db) as session:
             evaluated, decided = evaluation.evaluate(
-                session, loaded.rules, loaded.calendar, moment, case_ids, shard, changed_since
+                session, loaded.rules, loaded.calendar, moment, case_ids, shard, changed_since, self._give_way().pause
             )
         decided.sort(key=lambda d: d.key)  # one order everywhere: concurrent sweeps never deadlock
         taken = []
@@ -198,9 +198,13 @@ class SupervisionService(ServiceBase):
             raise failed.__cause__ from None
 
     def _project_together(self, events: list) -> None:
-        with self.db.begin() as session:
+        with self._give_way().inside(), self.db.begin() as session:
             fresh = projection.record_events(session, events, self.rules.get().rules.settings)
         self._evaluate_after_events(fresh)
+
+    def _give_way(self) -> GiveWay:
+        """Sweeps and evaluations give way to the projection, which cases wait on (GiveWay)."""
+        return self.state.setdefault("give_way", GiveWay())
 
     def _evaluate_after_events(self, case_ids: list):
         """Evaluate the cases events just changed, in the background (batching.InBackground),

@@ -138,15 +138,16 @@ def test_every_message_delivered_twice_changes_no_count(make_stack, capsys):
     # The two stacks run their scenarios at once (a green thread each): they share nothing but
     # the machine, and mostly wait for their stacks to settle.
     once_run = eventlet.spawn(scenario, make_stack("once"))
-    twice_stack = make_stack("twice")
-    duplicator = Duplicator(twice_stack.amqp_uri)
     try:
-        twice = scenario(twice_stack)
+        twice_stack = make_stack("twice")
+        duplicator = Duplicator(twice_stack.amqp_uri)
+        try:
+            twice = scenario(twice_stack)
+        finally:
+            duplicator.close()
     except BaseException:
-        once_run.kill()
+        once_run.kill()  # before the fixture takes its stack down
         raise
-    finally:
-        duplicator.close()
     once = once_run.wait()
     with capsys.disabled():
         print(

@@ -323,3 +323,43 @@ def test_work_in_the_background_gathers_longer_after_a_long_run():
     assert slept == [0.5, 6.0, 0.5]  # after 2 s: 2 × (1/0.25 − 1); after 0.01 s: the 0.5 s set
     with pytest.raises(ValueError, match="at_most_share"):
         InBackground("test", at_most_share=0)
+
+
+def test_background_work_gives_way_to_the_work_cases_wait_on_but_not_for_ever():
+    """GiveWay: a sweep pausing while a projection run waits on the database goes on only once
+    the run has ended; it is never held up longer than ``at_most``; with no run, it goes on."""
+    import itertools
+
+    import eventlet
+    from eventlet.event import Event
+
+    from services.common.batching import GiveWay
+
+    order, database_answers = [], Event()
+    gate = GiveWay(at_most=60, poll=0.001)
+
+    def projection_run():
+        with gate.inside():
+            order.append("run starts")
+            database_answers.wait()  # other greenthreads may run meanwhile
+            order.append("run ends")
+
+    def sweep():
+        gate.pause()
+        order.append("sweep goes on")
+
+    run = eventlet.spawn(projection_run)
+    eventlet.sleep(0)
+    swept = eventlet.spawn(sweep)
+    eventlet.sleep(0.02)
+    assert order == ["run starts"]
+    database_answers.send()
+    run.wait()
+    swept.wait()
+    assert order == ["run starts", "run ends", "sweep goes on"]
+
+    clock = itertools.chain([0.0, 0.0], itertools.repeat(1.0))  # past the deadline at the second look
+    gate = GiveWay(at_most=0.5, poll=0, clock=lambda: next(clock))
+    with gate.inside():
+        gate.pause()  # returns although the run inside has not ended
+    GiveWay().pause()  # nothing inside: returns at once
