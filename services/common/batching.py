@@ -357,10 +357,11 @@ class GiveWay:
     seconds, then yields once.
 
     Why: eventlet runs one greenthread at a time and switches only when one waits. Each time a
-    projection run waits for PostgreSQL, a CPU-bound sweep took the process for a whole slice of
-    cases (10–20 ms) before the run could go on, and a run waits on the database several times:
-    in bench/e2e.py at 200 cases/s, a periodic sweep of 6,382 cases in the window took the
-    supervision hop's p99 to 921 ms against a p50 of 46 ms. Background work is never held up for
+    projection run waits for PostgreSQL, a CPU-bound sweep can take the process for a whole slice
+    of cases (10–20 ms) before the run goes on, and a run waits on the database several times. In
+    bench/e2e.py at 200 cases/s, a sweep of 6,382 cases in the window went with a supervision hop
+    p99 of 921 ms against a p50 of 46 ms; twelve runs with and without this did not yet show a
+    gain above the machine's noise (README, Benchmarks). Background work is never held up for
     longer than ``at_most`` per pause, so a sweep under a steady load still ends."""
 
     def __init__(self, at_most: float = 0.05, poll: float = 0.002, clock=time.monotonic):
