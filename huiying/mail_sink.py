@@ -9,6 +9,7 @@ With ``--sms`` it also answers HTTP on SMS_PORT (PORT + 1 when not given) as an 
 accepts every message.
 """
 
+import argparse
 import asyncio
 import socket
 import subprocess
@@ -78,14 +79,14 @@ async def main(port: int, sms_port: int | None = None):
 
 
 class SmtpSink:
-    """This server as a process of its own, on ``port`` or a free one; ``detached`` outlives the
-    process that started it (the demo's, stopped by ``huiying demo --stop``)."""
+    """This server as a process of its own, on a free port; ``detached`` outlives the process
+    that started it (the demo's, stopped by ``huiying demo --stop``)."""
 
-    def __init__(self, port: int | None = None, detached: bool = False, sms_gateway: bool = False):
+    def __init__(self, detached: bool = False, sms_gateway: bool = False):
         # Both ports are found free together. (The SMS gateway used to take PORT + 1 unchecked:
         # with the test suite's two halves running at once, that port was sometimes taken, and
         # the sink exited at once.)
-        self.port, self.sms_port = _free_ports(2) if port is None else (port, port + 1)
+        self.port, self.sms_port = _free_ports(2)
         sms = ["--sms", str(self.sms_port)] if sms_gateway else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "huiying.mail_sink", str(self.port), *sms],
@@ -127,14 +128,16 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def _sms_port(args: list[str], port: int) -> int | None:
-    """``--sms [SMS_PORT]``: the SMS gateway's port (PORT + 1 when not given), or None."""
-    if "--sms" not in args:
-        return None
-    after = args[args.index("--sms") + 1 :]
-    return int(after[0]) if after and after[0].isdigit() else port + 1
-
-
 if __name__ == "__main__":
-    port = int(sys.argv[1])
-    asyncio.run(main(port, _sms_port(sys.argv[2:], port)))
+    parser = argparse.ArgumentParser(prog="python -m huiying.mail_sink", description=__doc__.split("\n\n")[0])
+    parser.add_argument("port", type=int, help="the SMTP port")
+    parser.add_argument(
+        "--sms",
+        type=int,
+        nargs="?",
+        const=0,
+        metavar="SMS_PORT",
+        help="also an SMS gateway, on SMS_PORT (default PORT + 1)",
+    )
+    args = parser.parse_args()
+    asyncio.run(main(args.port, None if args.sms is None else args.sms or args.port + 1))
