@@ -199,13 +199,18 @@ class Stack:
             self.scalar(f"SELECT count(*) FROM {service}_outbox WHERE published_at IS NULL") for service in SERVICES
         )
 
+    def unsent_deliveries(self) -> int:
+        """Notifications recorded but not yet sent or given up: a message notify holds unacked
+        while it sends can be missing from the management API's counts (refreshed every 5 s)."""
+        return self.scalar("SELECT count(*) FROM notify_deliveries WHERE status IN ('pending', 'sending', 'retrying')")
+
     def settled(self) -> bool:
         busy = {
             name: n
             for name, n in self.queues().items()
             if n and not name.endswith(".dead") and not name.startswith("rpc-") and "reply" not in name
         }
-        return not busy and self.pending_outbox() == 0
+        return not busy and self.pending_outbox() == 0 and self.unsent_deliveries() == 0
 
     def wait_settled(self, timeout: float = 180, quiet_for: float = 3.0):
         """Until every work queue is empty and every outbox published, for ``quiet_for`` seconds
@@ -219,7 +224,10 @@ class Stack:
             else:
                 quiet_since = None
             time.sleep(0.25)
-        raise AssertionError(f"not settled within {timeout}s: {self.queues()}, outbox {self.pending_outbox()}")
+        raise AssertionError(
+            f"not settled within {timeout}s: {self.queues()}, outbox {self.pending_outbox()},"
+            f" unsent deliveries {self.unsent_deliveries()}"
+        )
 
     def dead_letters(self) -> dict:
         return {name: n for name, n in self.queues().items() if name.endswith(".dead")}
