@@ -201,23 +201,26 @@ class Stack:
 
     def unsent_deliveries(self) -> int:
         """Notifications recorded but not yet sent or given up: a message notify holds unacked
-        while it sends can be missing from the management API's counts (refreshed every 5 s)."""
+        while it sends can be missing from the management API's counts (refreshed every 5 s).
+        (After a fault some wait for notify's timer by design: a minute when the broker was down
+        as they were recorded, ten when notify died mid-send.)"""
         return self.scalar("SELECT count(*) FROM notify_deliveries WHERE status IN ('pending', 'sending', 'retrying')")
 
-    def settled(self) -> bool:
+    def settled(self, deliveries_sent: bool = False) -> bool:
         busy = {
             name: n
             for name, n in self.queues().items()
             if n and not name.endswith(".dead") and not name.startswith("rpc-") and "reply" not in name
         }
-        return not busy and self.pending_outbox() == 0 and self.unsent_deliveries() == 0
+        return not busy and self.pending_outbox() == 0 and (not deliveries_sent or self.unsent_deliveries() == 0)
 
-    def wait_settled(self, timeout: float = 180, quiet_for: float = 3.0):
+    def wait_settled(self, timeout: float = 180, quiet_for: float = 3.0, deliveries_sent: bool = False):
         """Until every work queue is empty and every outbox published, for ``quiet_for`` seconds
-        (exact ready counts from passive declares; the management API adds unacked ones)."""
+        (exact ready counts from passive declares; the management API adds unacked ones); with
+        ``deliveries_sent``, also every notification sent or given up."""
         deadline, quiet_since = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
-            if self.settled():
+            if self.settled(deliveries_sent):
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= quiet_for:
                     return

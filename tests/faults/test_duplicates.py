@@ -89,7 +89,7 @@ def scenario(stack) -> dict:
     for i in range(CASES):
         (sender.http if i % 2 else sender.amqp)(case_payload(i, "hotline-12345", "D"))
     sender.close()
-    stack.wait_settled()
+    stack.wait_settled(deliveries_sent=True)
     phases.append(("cases", time.monotonic()))
 
     staff = {"Authorization": f"Bearer {stack.keys['staff']}"}
@@ -111,19 +111,19 @@ def scenario(stack) -> dict:
     for r in single[14:16]:
         step(r["id"], "extension", {"working_days": 5, "reason": "需协调多个部门"})
         step(r["id"], "extension/decision", {"grant": True})
-    stack.wait_settled()
+    stack.wait_settled(deliveries_sent=True)
     for index, r in enumerate(single[:12]):
         rating = "不满意" if index % 3 == 0 else "满意"
         response = requests.post(
             f"{routing}/api/v1/cases/{r['case_id']}/feedback", json={"rating": rating}, headers=staff
         )
         assert response.status_code == 200, response.text
-    stack.wait_settled()
+    stack.wait_settled(deliveries_sent=True)
     phases.append(("steps", time.monotonic()))
     later = (now() + timedelta(days=40)).isoformat()
     swept = json.loads(stack.cli("sweep", "--now", later, "--json").stdout)
     assert swept["decisions"], "the month-later sweep should escalate something"
-    stack.wait_settled()
+    stack.wait_settled(deliveries_sent=True)
     phases.append(("sweep", time.monotonic()))
     print(" ".join(f"{name} {t - phases[0][1]:.0f}s" for name, t in phases))
     return {
