@@ -64,8 +64,8 @@ class RecentCases:
 
 
 def record(session, event: dict, planned: list[Delivery], now) -> list[int]:
-    """Store the deliveries; the ids of those not stored before (a redelivered event adds none)
-    that are to be sent now (held ones wait for the digest). One statement for them all."""
+    """Store the deliveries; the ids of those to be sent now: the new ones (held ones wait for the
+    digest) and, for an event seen before, its ones still pending. One statement for them all."""
     return record_many(session, [(event, planned)], now)
 
 
@@ -92,7 +92,19 @@ def record_many(session, owed: list[tuple[dict, list[Delivery]]], now) -> list[i
     if not rows:
         return []
     inserted = insert_many_ignoring_duplicates(session, deliveries, rows, (deliveries.c.id, deliveries.c.status))
-    return sorted(delivery_id for delivery_id, status in inserted if status == "pending")
+    to_send = {delivery_id for delivery_id, status in inserted if status == "pending"}
+    if len(inserted) < len(rows):
+        # An event seen before: its deliveries still pending go out again now. Their work message
+        # may never have been published (the broker went down between the commit and the
+        # publish, and the event came back after its restart): else they waited a minute for
+        # the stale-delivery timer. A second work message for one sent meanwhile sends nothing.
+        seen_before = sorted({row["event_id"] for row in rows})
+        to_send.update(
+            session.scalars(
+                select(deliveries.c.id).where(deliveries.c.event_id.in_(seen_before), deliveries.c.status == "pending")
+            )
+        )
+    return sorted(to_send)
 
 
 def claim(session, delivery_ids: list[int], now) -> list:

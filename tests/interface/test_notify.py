@@ -169,6 +169,46 @@ def test_no_duplicate_when_an_event_is_delivered_twice(env, smtp, rabbit_config,
     assert len(rpc.notify.deliveries_for(case_id)) == 5
 
 
+def test_an_event_back_after_its_work_message_was_lost_sends_what_is_still_pending(env, smtp, rabbit_config, db):
+    """The broker went down between notify's commit and its publish: the deliveries are recorded,
+    pending, with no work message, and the event comes back after the restart. They go out then,
+    not a minute later by the stale-delivery timer."""
+    from sqlalchemy import select, update
+
+    from services.common.timeutil import now
+    from services.notify.models import deliveries
+    from services.routing.models import outbox as routing_outbox
+
+    receiver, rpc = env
+    case_id = submit(rpc, "N-6")
+    _, mails = smtp
+    wait_for(lambda: len(mails()) == 1 and len(receiver.at("/callback")) == 1, timeout=20)
+    with db.begin() as connection:
+        [event] = [
+            p
+            for p in connection.scalars(
+                select(routing_outbox.c.payload).where(routing_outbox.c.event_type == "case_referred")
+            )
+            if p["case_id"] == case_id
+        ]
+        # as if they had been recorded and their work message lost (updated now: the timer waits)
+        lost = connection.execute(
+            update(deliveries)
+            .where(deliveries.c.event_id == event["event_id"], deliveries.c.channel.in_(("email", "callback")))
+            .values(status="pending", sent_at=None, updated_at=now())
+            .returning(deliveries.c.id)
+        ).all()
+    assert len(lost) == 2
+    with Connection(rabbit_config["AMQP_URI"]) as connection:
+        Producer(connection.channel()).publish(
+            event, exchange=event_exchange("routing"), routing_key="case_referred", serializer="json"
+        )
+    wait_for(lambda: len(mails()) == 2 and len(receiver.at("/callback")) == 2, timeout=15)
+    with db.connect() as connection:
+        statuses = connection.scalars(select(deliveries.c.status).where(deliveries.c.event_id == event["event_id"]))
+        assert set(statuses) == {"sent"}
+
+
 def test_escalation_reaches_department_supervisors_and_inspection_office_and_reminders_come_as_a_digest(env, smtp):
     receiver, rpc = env
     case_id = submit(rpc, "N-6")
