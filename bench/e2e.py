@@ -47,7 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import looplag
 from bench.autovacuum import Autovacuum
-from bench.machine import python_loop_ms
+from bench.machine import cpu_jiffies, python_loop_ms, steal_share
 from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
 from huiying.mail_sink import SmtpSink
@@ -445,6 +445,7 @@ def main():
         },
     )
     report = {"machine_speed": {"python_loop_ms_before": python_loop_ms()}}
+    jiffies = cpu_jiffies()
     try:
         report["raw_broker"] = raw_broker(stack.amqp_uri, args.raw_messages)
         report["raw_broker_without_confirms"] = raw_broker(stack.amqp_uri, args.raw_messages, confirm=False)
@@ -475,6 +476,7 @@ def main():
             report[name] |= meter.stop(count)
         watcher.stop()
         report["maintenance"] = autovacuum.stop()
+        report["machine_speed"]["steal_share"] = steal_share(jiffies, cpu_jiffies())
         report["machine_speed"]["python_loop_ms_after"] = python_loop_ms()
         report["sender_retries"] = senders.retries
         raw = report["raw_broker"]["end_to_end_per_s"]

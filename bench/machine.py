@@ -1,7 +1,8 @@
 """How fast this (shared, noisy) machine is at the moment of a run: the same single-core Python
-work timed before and after it, so that runs on different days can be compared. On 2 Dec the
-same code's p99 at 200 cases/s ranged from 224 ms to 2.2 s as the machine's speed changed; a
-run's figures mean little without this one."""
+work timed before and after it, and the share of the run's CPU time the hypervisor gave to other
+machines (steal), so that runs of different days can be compared. Between 1 and 2 Dec nearly the
+same code's p99 at 200 cases/s went from 224 ms to 2.5 s, and the raw broker from 1,754 to 449
+confirmed messages/s, as the machine changed: a run's figures mean little without these."""
 
 import time
 
@@ -19,3 +20,18 @@ def python_loop_ms(repeats: int = 3) -> float:
             total += i
         best = min(best, time.perf_counter() - started)
     return round(best * 1000, 1)
+
+
+def cpu_jiffies() -> dict[str, int]:
+    """The machine's CPU time so far by kind, from /proc/stat (Linux)."""
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    values = open("/proc/stat").readline().split()[1 : 1 + len(names)]
+    return dict(zip(names, map(int, values), strict=True))
+
+
+def steal_share(before: dict[str, int], after: dict[str, int]) -> float:
+    """The share of the time between two ``cpu_jiffies`` that the hypervisor gave this virtual
+    machine's cores to others (``steal``): the neighbours' part in a slow run."""
+    elapsed = {kind: after[kind] - before[kind] for kind in before}
+    total = sum(elapsed.values())
+    return round(elapsed["steal"] / total, 3) if total else 0.0
