@@ -230,6 +230,42 @@ def test_remembered_answers_are_durables_for_every_combination_of_the_facts_read
     ruleset.close()
 
 
+def test_texts_are_remembered_by_their_tests_outcomes_not_by_their_wording():
+    """No two citizens word a case alike: keyed by the text itself, durable was asked for every
+    case. Texts with the same outcomes of every text test share one answer, and it is durable's."""
+    from services.common.rules.ruleset import Rule, Ruleset
+
+    conditions_by_id = {
+        "lights": {"all": [{"fact": "text", "contains_any": ["路灯", "照明"]}, {"fact": "category", "eq": "roads"}]},
+        "noise": {"fact": "text", "matches": r"噪音|施工"},
+        "here": {"fact": "street", "eq": "buji"},
+    }
+    rules = []
+    for rule_id, condition in conditions_by_id.items():
+        errors = []
+        rules.append(Rule(rule_id, "s", "", 0, parse(condition, FACTS, errors), [], "f.yaml", 1))
+        assert not errors, errors
+    ruleset = Ruleset("test", "v1", rules, {})
+    engine = ruleset.engine("s")
+    asked = []
+    matching = engine.matching
+    engine.matching = lambda facts: asked.append(facts) or matching(facts)
+    texts = [
+        f"第{i}号楼{thing}，联系电话139{i:08d}"
+        for i in range(50)
+        for thing in ("路灯不亮", "夜间施工噪音", "照明坏了", "漏水")
+    ]
+    for text in texts:
+        for category in ("roads", "water"):
+            facts = {"text": text, "category": category, "street": "buji"}
+            assert [r.id for r in ruleset.fire("s", facts)] == matching(facts), facts
+    # 2 categories × the outcomes met (lights, noise, neither), not 400 texts.
+    assert len(asked) == 2 * 3
+    assert [r.id for r in ruleset.fire("s", {"text": "路灯", "category": "roads", "street": "pinghu"})] == ["lights"]
+    assert len(asked) == 2 * 3 + 1  # another street is another combination
+    ruleset.close()
+
+
 @pytest.mark.parametrize(
     "condition, text",
     [

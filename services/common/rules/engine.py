@@ -95,6 +95,22 @@ class CompiledRules:
         except durable_rules_engine.error as exc:
             raise RulesEngineError(f"durable_rules could not compile ruleset {name!r}: {exc}") from None
 
+    @property
+    def reads(self) -> list[str]:
+        """The facts durable receives as they are (every fact a rule tests, but by a text test)."""
+        return self._reads
+
+    def text_outcomes(self, facts: dict) -> tuple[bool, ...]:
+        """Each text test's outcome on ``facts``, in order: what durable receives of the texts."""
+        if not self._text_tests:
+            return ()
+        texts = normalize({k: facts[k] for k in self._text_reads if k in facts})
+        outcomes = []
+        for _, test in self._text_tests:
+            text = texts.get(test["fact"])
+            outcomes.append(isinstance(text, str) and text_test(test["op"], test["value"], text))
+        return tuple(outcomes)
+
     def _with_text_tests_as_facts(self, tree: dict) -> dict:
         """The condition with each text test replaced by "its own fact is true"."""
         if "all" in tree or "any" in tree:
@@ -113,10 +129,7 @@ class CompiledRules:
         if self._handle is None:
             return []
         fact = {k: _encode(v) for k, v in normalize({k: facts[k] for k in self._reads if k in facts}).items()}
-        texts = normalize({k: facts[k] for k in self._text_reads if k in facts})
-        for name, test in self._text_tests:
-            text = texts.get(test["fact"])
-            fact[name] = isinstance(text, str) and text_test(test["op"], test["value"], text)
+        fact.update(zip((name for name, _ in self._text_tests), self.text_outcomes(facts)))
         fact.update({MARKER: 1, "id": next(self._ids), "sid": _SESSION})
         body = json.dumps(fact, ensure_ascii=False)
         fired = set()

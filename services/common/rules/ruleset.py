@@ -100,9 +100,12 @@ class Ruleset:
     def fire(self, stage: str, facts: dict) -> list[Rule]:
         """The rules of ``stage`` that durable_rules says hold, highest priority first (then file order).
 
-        durable_rules is asked once per distinct combination of the facts the stage's rules read,
-        and its answer remembered for this version of the rules: a rule can only depend on facts it
-        names, and a sweep of a million cases meets a few thousand combinations, not a million."""
+        durable_rules is asked once per distinct combination of what it would be given (the facts
+        the stage's rules read, a text as its text tests' outcomes), and its answer remembered for
+        this version of the rules: a rule can only depend on facts it names, and a sweep of a
+        million cases meets a few thousand combinations, not a million. Texts are keyed by their
+        tests' outcomes because no two citizens word a case alike: keyed by the text itself,
+        routing asked durable for every case."""
         key = (stage, self._read_values(stage, facts))
         chosen = self._fired.get(key)
         if chosen is None:
@@ -123,11 +126,12 @@ class Ruleset:
         return self._reads[stage]
 
     def _read_values(self, stage: str, facts: dict) -> tuple:
-        values = tuple(map(facts.get, self.reads(stage)))
+        engine = self.engine(stage)
+        values = tuple(map(facts.get, engine.reads))
         if list in map(type, values):  # lists (codes) are not hashable
             values = tuple(tuple(v) if type(v) is list else v for v in values)
         # The types go into the key too: True == 1 in Python, not to a rule.
-        return values, tuple(map(type, values))
+        return values, tuple(map(type, values)), engine.text_outcomes(facts)
 
     def explain(self, stage: str, facts: dict) -> list[dict]:
         fired = set(self.engine(stage).matching(facts))
