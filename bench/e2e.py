@@ -47,6 +47,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import looplag
 from bench.autovacuum import Autovacuum
+from bench.dbwaits import DatabaseWaits
 from bench.machine import cpu_jiffies, python_loop_ms, steal_share
 from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
@@ -207,6 +208,7 @@ class Meter:
 
     def __init__(self, stack: Stack, smtp: SmtpSink):
         self.stack, self.smtp = stack, smtp
+        self.waits = DatabaseWaits(stack.database_url, stack.engine.url.database)
 
     def _pids(self) -> dict[str, list[int]]:
         pids = {service: [self.stack.pid(service)] for service in SERVICES}
@@ -248,8 +250,10 @@ class Meter:
 
     def start(self):
         self.before = self._read()
+        self.waits.start()
 
     def stop(self, cases: int) -> dict:
+        waits = self.waits.stop()
         time.sleep(6)  # RabbitMQ's management statistics are refreshed every 5 s
         after = self._read()
         cpu = {name: after["cpu"][name] - self.before["cpu"][name] for name in after["cpu"]}
@@ -279,6 +283,9 @@ class Meter:
             # time the processes were ready to run and waited for a core (the kernel's schedstat):
             # what contention for the two cores adds to a case's way, beside the CPU it uses
             "runqueue_wait_ms_per_case": {name: round(1000 * seconds / cases, 2) for name, seconds in waited.items()},
+            # what each service's database sessions were doing (bench/dbwaits.py): locks and WAL
+            # flushes are PostgreSQL's share of a case's way, "idle in transaction" the service's
+            "database_sessions": waits,
             "database_transactions_per_case": round((after["commits"] - self.before["commits"]) / cases, 2),
             "broker_messages_per_case": {
                 kind: round((after["messages"][kind] - self.before["messages"][kind]) / cases, 2)
