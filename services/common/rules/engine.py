@@ -96,8 +96,9 @@ class CompiledRules:
             raise RulesEngineError(f"durable_rules could not compile ruleset {name!r}: {exc}") from None
 
     @property
-    def reads(self) -> list[str]:
-        """The facts durable receives as they are (every fact a rule tests, but by a text test)."""
+    def plain_reads(self) -> list[str]:
+        """The facts durable receives as they are: every fact a rule tests other than by a text
+        test (of a text, durable receives only its tests' outcomes, ``text_outcomes``)."""
         return self._reads
 
     def text_outcomes(self, facts: dict) -> tuple[bool, ...]:

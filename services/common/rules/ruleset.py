@@ -84,7 +84,6 @@ class Ruleset:
     settings: dict
     files: dict = field(default_factory=dict)  # relative path -> content hash
     _compiled: dict = field(default_factory=dict, repr=False)
-    _reads: dict = field(default_factory=dict, repr=False)  # stage -> the fact names its rules read
     _fired: dict = field(default_factory=dict, repr=False)  # (stage, those facts' values) -> rule ids
 
     def stage(self, stage: str) -> list[Rule]:
@@ -120,14 +119,11 @@ class Ruleset:
 
     def reads(self, stage: str) -> tuple:
         """The names of the facts the rules of ``stage`` test."""
-        if stage not in self._reads:
-            names = {leaf["fact"] for rule in self.stage(stage) for leaf in conditions.leaves(rule.condition)}
-            self._reads[stage] = tuple(sorted(names))
-        return self._reads[stage]
+        return tuple(sorted({leaf["fact"] for rule in self.stage(stage) for leaf in conditions.leaves(rule.condition)}))
 
     def _read_values(self, stage: str, facts: dict) -> tuple:
         engine = self.engine(stage)
-        values = tuple(map(facts.get, engine.reads))
+        values = tuple(map(facts.get, engine.plain_reads))
         if list in map(type, values):  # lists (codes) are not hashable
             values = tuple(tuple(v) if type(v) is list else v for v in values)
         # The types go into the key too: True == 1 in Python, not to a rule.
