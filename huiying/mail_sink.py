@@ -1,53 +1,143 @@
 """An SMTP server that accepts every message and keeps none: the district's mail server in the
-benchmarks and in ``huiying demo``. It speaks just enough SMTP for smtplib (greeting, EHLO/HELO,
-MAIL, RCPT, DATA with dot-stuffing, RSET, NOOP, QUIT) and counts what it accepted. aiosmtpd, which the tests use, parses
-every message and took a tenth of the machine in a burst; a real mail server is another machine.
+benchmarks and in ``huiying demo``. It speaks just enough SMTP for smtplib and for notify's
+pipelined sending (greeting, EHLO/HELO, MAIL, RCPT, DATA with dot-stuffing, BDAT, RSET, NOOP,
+QUIT; PIPELINING and CHUNKING offered, as Postfix offers them), answering every complete command
+that arrived in one write. aiosmtpd, which the tests use, parses every message and took a tenth
+of the machine in a burst; a real mail server is another machine.
 
-    .venv/bin/python -m huiying.mail_sink PORT [--sms [SMS_PORT]]
+    .venv/bin/python -m huiying.mail_sink PORT [--sms [SMS_PORT]] [--record FILE] [--plain]
 
 With ``--sms`` it also answers HTTP on SMS_PORT (PORT + 1 when not given) as an SMS gateway that
-accepts every message.
+accepts every message. For tests: ``--record`` appends each accepted message to FILE as a JSON
+line (sender, recipients, the message); a recipient whose address starts with ``refuse`` is
+refused for good (550) and one starting with ``defer`` for now (451); ``--plain`` offers neither
+PIPELINING nor CHUNKING, as an older server.
 """
 
 import argparse
 import asyncio
+import json
 import socket
 import subprocess
 import sys
 import time
 
-REPLIES = {
-    b"EHLO": b"250-sink\r\n250 8BITMIME\r\n",
-    b"HELO": b"250 sink\r\n",
-    b"MAIL": b"250 ok\r\n",
-    b"RCPT": b"250 ok\r\n",
-    b"RSET": b"250 ok\r\n",
-    b"NOOP": b"250 ok\r\n",
-}
-accepted = 0
+EXTENSIONS = (b"8BITMIME", b"PIPELINING", b"CHUNKING")
 
 
-async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-    global accepted
-    writer.write(b"220 sink ESMTP\r\n")
-    try:
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb == b"DATA":
-                writer.write(b"354 go ahead\r\n")
-                await reader.readuntil(b"\r\n.\r\n")
-                accepted += 1
-                writer.write(b"250 accepted\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                break
-            else:
-                writer.write(REPLIES.get(verb, b"502 not implemented\r\n"))
-            await writer.drain()
-    except (ConnectionError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        writer.close()
+class SmtpSession(asyncio.Protocol):
+    """One client's session, read as it arrives: every complete command (and message) in the
+    buffer is handled, and the replies go out in one write."""
+
+    def __init__(self, record: str | None = None, plain: bool = False):
+        self.record, self.plain = record, plain
+        self.buffer = bytearray()
+        self.reading = "commands"  # or "data" (until the lone dot) or "bdat" (self.left octets)
+        self.left, self.last = 0, False
+        self._reset()
+
+    def _reset(self):
+        self.sender, self.recipients, self.refused, self.message = None, [], None, bytearray()
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(b"220 sink ESMTP\r\n")
+
+    def data_received(self, data: bytes):
+        self.buffer += data
+        replies = []
+        while (reply := self._next()) is not None:
+            replies.append(reply)
+        if replies:
+            self.transport.write(b"".join(replies))
+        if replies and replies[-1].startswith(b"221"):
+            self.transport.close()
+
+    def _next(self) -> bytes | None:
+        """Handle the next complete command or message in the buffer: its reply (b"" for none),
+        or None when the rest has not arrived yet."""
+        if self.reading == "bdat":
+            if len(self.buffer) < self.left:
+                return None
+            self.message += self.buffer[: self.left]
+            del self.buffer[: self.left]
+            self.reading = "commands"
+            return self._finish() if self.last else b"250 2.0.0 chunk received\r\n"
+        if self.reading == "data":
+            end = self.buffer.find(b"\r\n.\r\n")
+            if end < 0:
+                return None
+            self.message += self.buffer[: end + 2].replace(b"\r\n..", b"\r\n.")
+            del self.buffer[: end + 5]
+            self.reading = "commands"
+            return self._finish()
+        end = self.buffer.find(b"\r\n")
+        if end < 0:
+            return None
+        line = bytes(self.buffer[:end])
+        del self.buffer[: end + 2]
+        return self._command(line)
+
+    def _command(self, line: bytes) -> bytes:
+        verb, _, argument = line.partition(b" ")
+        verb = verb.upper()
+        if verb == b"EHLO":
+            offered = [b"8BITMIME"] if self.plain else list(EXTENSIONS)
+            return b"".join(b"250-%s\r\n" % e for e in [b"sink", *offered[:-1]]) + b"250 %s\r\n" % offered[-1]
+        if verb == b"HELO":
+            return b"250 sink\r\n"
+        if verb == b"MAIL":
+            self._reset()
+            self.sender = _address(argument)
+            return b"250 2.1.0 ok\r\n"
+        if verb == b"RCPT":
+            recipient = _address(argument)
+            if recipient.startswith("refuse"):
+                self.refused = self.refused or b"550 5.1.1 no such mailbox\r\n"
+                return b"550 5.1.1 no such mailbox\r\n"
+            if recipient.startswith("defer"):
+                self.refused = self.refused or b"451 4.3.0 try again later\r\n"
+                return b"451 4.3.0 try again later\r\n"
+            self.recipients.append(recipient)
+            return b"250 2.1.5 ok\r\n"
+        if verb == b"DATA":
+            if not self.recipients:
+                return b"503 5.5.1 no valid recipients\r\n"
+            self.reading = "data"
+            return b"354 go ahead\r\n"
+        if verb == b"BDAT" and not self.plain:
+            size, _, last = argument.partition(b" ")
+            if not size.isdigit():
+                return b"501 5.5.4 BDAT needs a size\r\n"
+            self.left, self.last, self.reading = int(size), last.upper() == b"LAST", "bdat"
+            return b""  # the reply comes when the chunk has arrived
+        if verb == b"RSET":
+            self._reset()
+            return b"250 2.0.0 ok\r\n"
+        if verb == b"NOOP":
+            return b"250 2.0.0 ok\r\n"
+        if verb == b"QUIT":
+            return b"221 2.0.0 bye\r\n"
+        return b"502 5.5.2 not implemented\r\n"
+
+    def _finish(self) -> bytes:
+        """The end of a message: accepted when it had a sender and a recipient (a refused
+        recipient's chunk is read and dropped, as RFC 3030 asks)."""
+        if self.sender is None or not self.recipients:
+            self._reset()
+            return b"554 5.5.1 no valid recipients\r\n"
+        if self.record:
+            with open(self.record, "a", encoding="utf-8") as out:
+                entry = {"sender": self.sender, "recipients": self.recipients, "message": self.message.decode("utf-8")}
+                out.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._reset()
+        return b"250 2.0.0 accepted\r\n"
+
+
+def _address(argument: bytes) -> str:
+    """The address in ``FROM:<a@b>`` or ``TO:<a@b> SIZE=…``."""
+    start, end = argument.find(b"<"), argument.find(b">")
+    return argument[start + 1 : end].decode("utf-8", "replace")
 
 
 async def sms_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -70,10 +160,11 @@ async def sms_gateway(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         writer.close()
 
 
-async def main(port: int, sms_port: int | None = None):
+async def main(port: int, sms_port: int | None = None, record: str | None = None, plain: bool = False):
     if sms_port:  # first: the SMTP port answering is the sign that both are up
         await asyncio.start_server(sms_gateway, "127.0.0.1", sms_port)
-    server = await asyncio.start_server(session, "127.0.0.1", port, limit=2**22)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SmtpSession(record, plain), "127.0.0.1", port)
     async with server:
         await server.serve_forever()
 
@@ -82,14 +173,17 @@ class SmtpSink:
     """This server as a process of its own, on a free port; ``detached`` outlives the process
     that started it (the demo's, stopped by ``huiying demo --stop``)."""
 
-    def __init__(self, detached: bool = False, sms_gateway: bool = False):
+    def __init__(
+        self, detached: bool = False, sms_gateway: bool = False, record: str | None = None, plain: bool = False
+    ):
         # Both ports are found free together. (The SMS gateway used to take PORT + 1 unchecked:
         # with the test suite's two halves running at once, that port was sometimes taken, and
         # the sink exited at once.)
         self.port, self.sms_port = _free_ports(2)
-        sms = ["--sms", str(self.sms_port)] if sms_gateway else []
+        options = (["--sms", str(self.sms_port)] if sms_gateway else []) + (["--record", record] if record else [])
+        options += ["--plain"] if plain else []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "huiying.mail_sink", str(self.port), *sms],
+            [sys.executable, "-m", "huiying.mail_sink", str(self.port), *options],
             start_new_session=detached,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL if detached else None,
@@ -139,5 +233,7 @@ if __name__ == "__main__":
         metavar="SMS_PORT",
         help="also an SMS gateway, on SMS_PORT (default PORT + 1)",
     )
+    parser.add_argument("--record", metavar="FILE", help="append each accepted message to FILE as a JSON line")
+    parser.add_argument("--plain", action="store_true", help="offer neither PIPELINING nor CHUNKING")
     args = parser.parse_args()
-    asyncio.run(main(args.port, None if args.sms is None else args.sms or args.port + 1))
+    asyncio.run(main(args.port, None if args.sms is None else args.sms or args.port + 1, args.record, args.plain))

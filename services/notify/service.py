@@ -174,20 +174,19 @@ class NotifyService(ServiceBase):
             claimed = deliveries.claim(session, sorted(set(ids)), now())
         # nothing claimed for a delivery already sent (a duplicate message), being sent, or parked
         outcomes, retries, parked = [], [], []
-        for delivery in claimed:
-            try:
-                channels.send(delivery, self.config)
+        for delivery, failure in zip(claimed, channels.send_all(claimed, self.config), strict=True):
+            if failure is None:
                 outcomes.append((delivery.id, "sent", None))
-            except channels.ChannelError as exc:
+            else:
                 settings = self.rules.get()
-                if exc.retryable and delivery.attempts < settings.max_attempts:
+                if failure.retryable and delivery.attempts < settings.max_attempts:
                     metrics.NOTIFICATION_FAILURES.labels(delivery.channel, "retried").inc()
-                    outcomes.append((delivery.id, "retrying", str(exc)))
+                    outcomes.append((delivery.id, "retrying", str(failure)))
                     retries.append((delivery.id, backoff_seconds(delivery.attempts)))
                 else:
                     metrics.NOTIFICATION_FAILURES.labels(delivery.channel, "parked").inc()
-                    outcomes.append((delivery.id, "failed", str(exc)))
-                    parked.append((delivery.id, str(exc), delivery.attempts))
+                    outcomes.append((delivery.id, "failed", str(failure)))
+                    parked.append((delivery.id, str(failure), delivery.attempts))
         with self.db.begin() as session:
             deliveries.finish(session, outcomes, now())
         for delivery_id, delay in retries:
