@@ -299,12 +299,10 @@ def place_in_clusters(session, cases: list, settings: dict) -> dict[str, str]:
         unions.save(session)
     # A case is stored with its own key (a cluster of one): only the keys that differ are written.
     stored_as = {case.case_id: getattr(case, "cluster_key", None) for case in cases}
-    changed = [{"b_case_id": case_id, "b_key": key} for case_id, key in keys.items() if stored_as.get(case_id) != key]
-    if changed:
-        session.execute(
-            update(case_projection).where(c.case_id == bindparam("b_case_id")).values(cluster_key=bindparam("b_key")),
-            changed,
-        )
+    changed = [
+        {"case_id": case_id, "cluster_key": key} for case_id, key in keys.items() if stored_as.get(case_id) != key
+    ]
+    update_many(session, case_projection, c.case_id, changed)
     return keys
 
 
