@@ -37,7 +37,7 @@ class SmtpSession(asyncio.Protocol):
         self._reset()
 
     def _reset(self):
-        self.sender, self.recipients, self.refused, self.message = None, [], None, bytearray()
+        self.sender, self.recipients, self.message = None, [], bytearray()
 
     def connection_made(self, transport):
         self.transport = transport
@@ -67,7 +67,8 @@ class SmtpSession(asyncio.Protocol):
             end = self.buffer.find(b"\r\n.\r\n")
             if end < 0:
                 return None
-            self.message += self.buffer[: end + 2].replace(b"\r\n..", b"\r\n.")
+            # dot-stuffing undone, the first line's too
+            self.message += (b"\r\n" + self.buffer[: end + 2]).replace(b"\r\n..", b"\r\n.")[2:]
             del self.buffer[: end + 5]
             self.reading = "commands"
             return self._finish()
@@ -82,21 +83,24 @@ class SmtpSession(asyncio.Protocol):
         verb, _, argument = line.partition(b" ")
         verb = verb.upper()
         if verb == b"EHLO":
+            self._reset()
             offered = [b"8BITMIME"] if self.plain else list(EXTENSIONS)
             return b"".join(b"250-%s\r\n" % e for e in [b"sink", *offered[:-1]]) + b"250 %s\r\n" % offered[-1]
         if verb == b"HELO":
+            self._reset()
             return b"250 sink\r\n"
         if verb == b"MAIL":
-            self._reset()
+            if self.sender is not None:  # RFC 5321 4.1.4: a transaction ends with its data or RSET
+                return b"503 5.5.1 nested MAIL command\r\n"
             self.sender = _address(argument)
             return b"250 2.1.0 ok\r\n"
         if verb == b"RCPT":
             recipient = _address(argument)
+            if self.sender is None:
+                return b"503 5.5.1 need MAIL first\r\n"
             if recipient.startswith("refuse"):
-                self.refused = self.refused or b"550 5.1.1 no such mailbox\r\n"
                 return b"550 5.1.1 no such mailbox\r\n"
             if recipient.startswith("defer"):
-                self.refused = self.refused or b"451 4.3.0 try again later\r\n"
                 return b"451 4.3.0 try again later\r\n"
             self.recipients.append(recipient)
             return b"250 2.1.5 ok\r\n"
@@ -121,10 +125,10 @@ class SmtpSession(asyncio.Protocol):
         return b"502 5.5.2 not implemented\r\n"
 
     def _finish(self) -> bytes:
-        """The end of a message: accepted when it had a sender and a recipient (a refused
-        recipient's chunk is read and dropped, as RFC 3030 asks)."""
+        """The end of a message: accepted when it had a sender and a recipient. Otherwise its
+        data is read and dropped (RFC 3030), and the transaction stays open, as Postfix keeps it,
+        until RSET: a client that sends MAIL straight after is refused (503)."""
         if self.sender is None or not self.recipients:
-            self._reset()
             return b"554 5.5.1 no valid recipients\r\n"
         if self.record:
             with open(self.record, "a", encoding="utf-8") as out:

@@ -1,10 +1,11 @@
 """Idempotent inserts (at-least-once delivery means the same row may arrive twice), and updates
 of many rows sent together."""
 
+import re
 from collections import defaultdict
 
-from psycopg2.extras import execute_values
-from sqlalchemy import Enum, String, bindparam
+import psycopg2.extensions
+from sqlalchemy import bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
 
@@ -36,10 +37,11 @@ def insert_many_ignoring_duplicates(session, table, rows: list[dict], key) -> li
 
 def update_many(session, table, key, rows: list[dict]) -> None:
     """Update each row whose ``key`` column has the value ``row[key.name]`` with the row's other
-    values, for each distinct set of columns in one statement. On PostgreSQL that statement is
-    ``UPDATE … FROM (VALUES …)``, planned once for all the rows: an UPDATE per row (SQLAlchemy's
-    executemany, sent a page at a time) cost PostgreSQL twice the time per row (0.09 against 0.04
-    ms, 100-row batches) and the client a third more. A key given twice keeps its last row."""
+    values, for each distinct set of columns in one statement (a key given twice with the same
+    columns keeps its last row). On PostgreSQL that statement is ``UPDATE … FROM (VALUES …)``,
+    planned once for all the rows: an UPDATE per row (SQLAlchemy's executemany, sent a page at a
+    time) cost PostgreSQL twice the time per row (0.09 against 0.04 ms, 100-row batches) and the
+    client a third more (bench/sending.py)."""
     by_columns = defaultdict(dict)
     for row in rows:
         by_columns[tuple(sorted(row))][row[key.name]] = row
@@ -58,25 +60,28 @@ def _update_from_values(session, table, key, columns: list[str], rows: list[dict
     dialect = connection.dialect
     names = [key.name, *columns]
     processors = [table.c[name].type.bind_processor(dialect) for name in names]
-    template = "(" + ", ".join(f"%s::{_cast_to(table.c[name].type, dialect)}" for name in names) + ")"
-    quote = dialect.identifier_preparer.quote
-    statement = (
-        f"UPDATE {quote(table.name)} SET {', '.join(f'{quote(n)} = v.{quote(n)}' for n in columns)} "
-        f"FROM (VALUES %s) AS v({', '.join(quote(n) for n in names)}) "
-        f"WHERE {quote(table.name)}.{quote(key.name)} = v.{quote(key.name)}"
+    row_template = "(" + ", ".join(f"%s::{_cast_to(table.c[name].type, dialect)}" for name in names) + ")"
+    quote, target = dialect.identifier_preparer.quote, dialect.identifier_preparer.format_table(table)
+    # The values are quoted by psycopg2 (mogrify), and the statement goes through SQLAlchemy, so
+    # that its errors come as SQLAlchemy's and a broken connection is noticed as with any other.
+    driver = connection.connection.driver_connection
+    with driver.cursor() as cursor:
+        values = b",".join(
+            cursor.mogrify(
+                row_template, [process(row[n]) if process else row[n] for n, process in zip(names, processors)]
+            )
+            for row in rows
+        ).decode(psycopg2.extensions.encodings[driver.encoding])
+    connection.exec_driver_sql(
+        f"UPDATE {target} SET {', '.join(f'{quote(n)} = changes.{quote(n)}' for n in columns)} "
+        f"FROM (VALUES {values}) AS changes({', '.join(quote(n) for n in names)}) "
+        f"WHERE {target}.{quote(key.name)} = changes.{quote(key.name)}",
+        execution_options={"no_parameters": True},  # a % in a value is not a placeholder
     )
-    values = [
-        tuple(process(row[name]) if process else row[name] for name, process in zip(names, processors, strict=True))
-        for row in rows
-    ]
-    with connection.connection.driver_connection.cursor() as cursor:
-        execute_values(cursor, statement, values, template=template, page_size=1000)
 
 
 def _cast_to(type_, dialect) -> str:
     """What a VALUES column is cast to, so that it reaches the column as its own type (VALUES
-    alone would read a JSON or a timestamp as text); text for text, since a cast to VARCHAR(n)
-    cuts a longer value short where assigning it to the column refuses it, as it should."""
-    if isinstance(type_, String) and not isinstance(type_, Enum):
-        return "text"
-    return type_.compile(dialect=dialect)
+    alone would read a JSON or a timestamp as text); text where the type has a length, since a
+    cast to VARCHAR(n) cuts a longer value short where assigning it to the column refuses it."""
+    return re.sub(r"\b(VARCHAR|CHAR)\(\d+\)", "text", type_.compile(dialect=dialect))

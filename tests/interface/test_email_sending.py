@@ -8,8 +8,12 @@ writes for the same delivery."""
 import email
 import email.policy
 import json
+import smtplib
 import socket
-from email.header import Header
+import subprocess
+import sys
+import time
+from email.header import Header, decode_header, make_header
 from email.mime.text import MIMEText
 from types import SimpleNamespace
 
@@ -38,8 +42,10 @@ def server(request, tmp_path):
     record = tmp_path / "accepted.jsonl"
     sink = SmtpSink(record=str(record), plain=request.param == "plain")
     config = {"SMTP_HOST": "127.0.0.1", "SMTP_PORT": sink.port, "SMTP_FROM": SENDER}
-    yield SimpleNamespace(config=config, record=record, kind=request.param)
-    sink.close()
+    server = SimpleNamespace(config=config, record=record, kind=request.param, process=sink.process)
+    yield server
+    server.process.terminate()
+    server.process.wait(5)
 
 
 def accepted(server) -> list[dict]:
@@ -86,11 +92,22 @@ def test_each_email_has_its_own_outcome_when_some_are_refused(server):
     assert len(accepted(server)) == 9
 
 
-def test_a_connection_dropped_while_idle_is_replaced_and_nothing_is_lost(server):
+def test_a_connection_the_server_dropped_while_idle_is_replaced_and_nothing_is_lost(server):
     connections = channels.SmtpConnections()
     assert send_all(server, [delivery(1)], connections) == [None]
-    [(_, _, smtp, _)] = connections.idle
-    smtp.sock.shutdown(socket.SHUT_RDWR)  # as when the server hangs up on an idle client
+    server.process.kill()  # the server restarts while notify's connection waits for the next batch
+    server.process.wait(5)
+    port = server.config["SMTP_PORT"]
+    options = ["--record", str(server.record)] + (["--plain"] if server.kind == "plain" else [])
+    server.process = subprocess.Popen([sys.executable, "-m", "huiying.mail_sink", str(port), *options])
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the mail sink did not come back"
+            time.sleep(0.05)
     assert send_all(server, [delivery(2), delivery(3)], connections) == [None, None]
     assert [g["recipients"][0] for g in accepted(server)] == [f"dept{n}@district.example" for n in (1, 2, 3)]
 
@@ -105,11 +122,22 @@ def test_no_server_means_every_email_is_tried_again_later():
 
 
 def test_a_bad_address_fails_alone_and_for_good(server):
-    deliveries = [delivery(1), delivery(2, address="a@b.example\r\nBcc: everyone@b.example"), delivery(3)]
+    injecting = delivery(2, address="a@b.example\r\nBcc: everyone@b.example")
+    two = delivery(4, address="a@b.example,evil@x.example")
+    deliveries = [delivery(1), injecting, delivery(3), two]
     outcomes = channels.send_all(deliveries, server.config)
     assert outcomes[0] is None and outcomes[2] is None
-    assert not outcomes[1].retryable and "not a plain ASCII e-mail address" in str(outcomes[1])
+    for bad in (outcomes[1], outcomes[3]):
+        assert not bad.retryable and "not one plain e-mail address" in str(bad)
     assert [g["recipients"][0] for g in accepted(server)] == ["dept1@district.example", "dept3@district.example"]
+
+
+def test_only_a_refusal_of_the_email_itself_is_final():
+    assert not channels._refused(550, "no such mailbox").retryable
+    assert channels._refused(451, "try again later").retryable
+    assert channels._refused(503, "bad sequence of commands").retryable  # not the e-mail's fault
+    for whole_server in (smtplib.SMTPConnectError(554, "too many connections"), smtplib.SMTPHeloError(501, "no")):
+        assert channels._error("email", whole_server).retryable
 
 
 def test_the_message_reads_as_the_standard_librarys_does():
@@ -126,6 +154,13 @@ def test_the_message_reads_as_the_standard_librarys_does():
         assert str(ours[name]) == str(theirs[name]), name
     assert ours.get_content() == theirs.get_content() == sent.body
     assert ours["Date"] and ours["Message-ID"].endswith("@huiying>")
-    raw = channels.email_message(sent, SENDER)
-    assert all(len(line) <= 78 for line in raw.split(b"\r\n"))  # RFC 5322's line length
-    assert b"\n" not in raw.replace(b"\r\n", b"")  # every line ends in CRLF
+    for sender in (SENDER, "中国人民政治协商会议某某区委员会提案委员会社情民意信息办公室 <x@district.example>"):
+        raw = channels.email_message(sent, sender)
+        assert all(len(line) <= 78 for line in raw.split(b"\r\n"))  # RFC 5322's line length
+        assert b"\n" not in raw.replace(b"\r\n", b"")  # every line ends in CRLF
+        # RFC 2047's decoder gives the name back whole (email.policy.default's address parser puts
+        # a space between the encoded words of a long name; email.mime left no address at all)
+        assert str(make_header(decode_header(email.message_from_bytes(raw)["From"]))) == sender
+        assert email.message_from_bytes(raw, policy=email.policy.default)["From"].addresses[0].addr_spec == (
+            sender.split("<")[1].rstrip(">")
+        )
