@@ -64,7 +64,7 @@ CHANGES = [
         "departments": [],
         "updated_at": datetime(2026, 12, 3, 8, tzinfo=timezone.utc),
     },
-    {"case_id": "HY-3", "title": 'O\'Brien 说："路灯不亮" 100% %s %(x)s; DROP TABLE test_update_many; --', "returns": 2},
+    {"case_id": "HY-3", "title": 'O\'Brien 说："路灯不亮" 100% %s %(x)s; DROP TABLE x; --', "returns": 2},
     {"case_id": "HY-404", "status": "lost", "departments": [1], "updated_at": datetime(2026, 12, 2, tzinfo=CST)},
 ]
 
