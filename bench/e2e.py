@@ -27,6 +27,7 @@ processes (`huiying up`), notify sending its e-mail to an SMTP server on loopbac
 """
 
 import argparse
+import http.client
 import json
 import os
 import queue
@@ -39,6 +40,7 @@ import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2
 import requests
@@ -114,17 +116,28 @@ class Senders:
             self.accepted[payload["external_id"]] = time.perf_counter()  # confirmed: publish returned
 
     def _http(self):
-        session = requests.Session()
-        url, headers = f"{self.stack.url('intake')}/api/v1/cases", {"Authorization": f"Bearer {self.key}"}
+        # http.client rather than requests: 0.5 ms of CPU a request against 2.1 (3 Dec), on the
+        # two cores the services are measured on; a client's own cost is not the system's.
+        address = urlsplit(self.stack.url("intake")).netloc
+        headers = {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"}
+        connection = http.client.HTTPConnection(address, timeout=30)
         while True:
             moment, payload = self.work["http"].get()
             self._wait_until(moment)
+            body = json.dumps(payload, ensure_ascii=False).encode()
+            reused = connection.sock is not None
             while True:
                 try:
-                    if session.post(url, json=payload, headers=headers, timeout=30).status_code in (200, 201):
+                    connection.request("POST", "/api/v1/cases", body, headers)
+                    response = connection.getresponse()
+                    response.read()
+                    if response.status in (200, 201):
                         break
-                except requests.RequestException:
-                    session = requests.Session()
+                except (OSError, http.client.HTTPException):
+                    connection.close()  # a new connection at the next request
+                    if reused:  # the server had closed the idle connection: again at once
+                        reused = False
+                        continue
                 self.retries += 1
                 time.sleep(0.2)
             self.accepted[payload["external_id"]] = time.perf_counter()
