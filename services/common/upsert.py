@@ -45,8 +45,9 @@ def update_many(session, table, key, rows: list[dict]) -> None:
     by_columns = defaultdict(dict)
     for row in rows:
         by_columns[tuple(sorted(row))][row[key.name]] = row
+    on_postgresql = session.get_bind().dialect.name == "postgresql"
     for columns, group in by_columns.items():
-        if session.get_bind().dialect.name == "postgresql":
+        if on_postgresql:
             _update_from_values(session, table, key, [c for c in columns if c != key.name], list(group.values()))
         else:
             session.execute(

@@ -1,6 +1,7 @@
-"""Sending one delivery: e-mail over SMTP, a signed JSON webhook, 企业微信 and 钉钉 group robots in
-their own message formats, SMS through a configurable HTTP gateway, and status callbacks to
-ticketing systems. One function per channel; ``ChannelError`` says whether trying again may help."""
+"""Sending deliveries (``send_all``): e-mail over SMTP, those of a batch together, and one by one a
+signed JSON webhook, 企业微信 and 钉钉 group robots in their own message formats, SMS through a
+configurable HTTP gateway, and status callbacks to ticketing systems. One function per channel;
+``ChannelError`` says whether trying again may help."""
 
 import base64
 import functools
@@ -28,9 +29,9 @@ def signature(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def send(delivery, config: dict):
+def _send_one(delivery, config: dict):
+    """Send a delivery of any channel but e-mail (``send_all`` sends those together)."""
     sender = {
-        "email": _email,
         "webhook": _webhook,
         "callback": _webhook,
         "wecom": _wecom,
@@ -43,7 +44,7 @@ def send(delivery, config: dict):
         sender(delivery, config)
     except ChannelError:
         raise
-    except (OSError, smtplib.SMTPException, requests.RequestException) as exc:
+    except (OSError, requests.RequestException) as exc:
         raise _error(delivery.channel, exc) from None
 
 
@@ -66,7 +67,7 @@ def send_all(deliveries: list, config: dict) -> list[ChannelError | None]:
     for delivery in deliveries:
         if delivery.channel != "email":
             try:
-                send(delivery, config)
+                _send_one(delivery, config)
                 outcomes[delivery.id] = None
             except ChannelError as exc:
                 outcomes[delivery.id] = exc
@@ -84,16 +85,6 @@ def _refused(code: int, text: str) -> ChannelError:
     unknown mailbox, a refused sender), as a webhook's 4xx is; 503, a bad sequence of commands,
     is not the e-mail's fault."""
     return ChannelError(f"email: {code} {text[:200]}", retryable=code < 500 or code == 503)
-
-
-def _email(delivery, config):
-    SMTP_CONNECTIONS.send(
-        config["SMTP_HOST"],
-        config["SMTP_PORT"],
-        config["SMTP_FROM"],
-        delivery.address,
-        email_message(delivery, config["SMTP_FROM"]),
-    )
 
 
 CRLF = "\r\n"
@@ -165,12 +156,6 @@ class SmtpConnections:
 
     def __init__(self):
         self.idle = []  # (host, port, smtp, idle since)
-
-    def send(self, host: str, port: int, sender: str, recipient: str, message: bytes):
-        """Send one e-mail; ChannelError if it was not accepted."""
-        [outcome] = self.send_many(host, port, sender, [(recipient, message)])
-        if outcome is not None:
-            raise outcome
 
     def send_many(self, host: str, port: int, sender: str, messages: list[tuple[str, bytes]]) -> list:
         """Send ``(recipient, message)`` e-mails from ``sender``; for each in order, None when the
