@@ -76,7 +76,23 @@ def db(database_url):
                 )
             )
         ]
-        connection.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        # Only the tables a test wrote to: one query finds them, and TRUNCATE of all 22 took
+        # 60-150 ms a test when most are empty.
+        written = [
+            row[0]
+            for row in connection.execute(
+                text(" UNION ALL ".join(f"(SELECT '{table}' FROM {table} LIMIT 1)" for table in tables))
+            )
+        ]
+        if written:
+            connection.execute(text(f"TRUNCATE {', '.join(written)} CASCADE"))
+        # Every id sequence from 1 again, also of a table the test emptied itself.
+        connection.execute(
+            text(
+                "SELECT setval(format('%I.%I', schemaname, sequencename), 1, false) FROM pg_sequences"
+                " WHERE schemaname = 'public' AND last_value IS NOT NULL"
+            )
+        )
     yield engine
     engine.dispose()
 

@@ -20,6 +20,8 @@ Nothing the system has accepted waits in an RPC queue: cases, events and deliver
 through the work queues above.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 from amqp.exceptions import PreconditionFailed
 from kombu import Connection, Exchange, Queue
 from nameko.events import SERVICE_POOL, EventHandler
@@ -143,28 +145,47 @@ RETIRED_QUEUES = (
 )
 
 
+DECLARING_CONNECTIONS = 4
+
+
 def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
-    """Declare every exchange and queue the system uses; returns the queue names."""
+    """Declare every exchange and queue the system uses; returns the queue names.
+
+    The queues are declared over ``DECLARING_CONNECTIONS`` connections at once: RabbitMQ makes a
+    new durable queue in 3-10 ms, one after the other on one channel (0.24-0.77 s for the
+    system's 70 in a new vhost, as every test's is; 0.22 s over four connections)."""
     from services.common.events import DEAD_QUEUE, retry_queue_for
     from services.intake.ticket_queue import ticket_queues
     from services.notify.queue import delivery_queues
 
     settings.queue_type()  # a bad value is refused before anything is declared
     service_classes = service_classes or all_service_classes()
-    declared = []
+    declared, queues = [], []
+    for cls in service_classes:
+        for queue in event_handler_queues(cls):
+            queues += [queue, retry_queue_for(queue.name)]
+            declared.append(queue.name)
+    queues.append(DEAD_QUEUE)
+    for queue in [*ticket_queues(), *delivery_queues()]:
+        queues.append(queue)
+        declared.append(queue.name)
     with Connection(amqp_uri, connect_timeout=5) as connection:
         channel = connection.channel()
         for cls in service_classes:
             declare(event_exchange(cls.name), channel)
-        for cls in service_classes:
-            for queue in event_handler_queues(cls):
+
+    def declare_share(share: list) -> None:
+        with Connection(amqp_uri, connect_timeout=5) as connection:
+            channel = connection.channel()
+            for queue in share:
                 declare(queue, channel)
-                declare(retry_queue_for(queue.name), channel)
-                declared.append(queue.name)
-        declare(DEAD_QUEUE, channel)
-        for queue in [*ticket_queues(), *delivery_queues()]:
-            declare(queue, channel)
-            declared.append(queue.name)
+
+    shares = [queues[start::DECLARING_CONNECTIONS] for start in range(DECLARING_CONNECTIONS)]
+    with ThreadPoolExecutor(DECLARING_CONNECTIONS) as pool:  # green threads once eventlet has patched
+        for declaring in [pool.submit(declare_share, share) for share in shares]:
+            declaring.result()  # a queue refused (TopologyMismatch) is raised here
+    with Connection(amqp_uri, connect_timeout=5) as connection:
+        channel = connection.channel()
         for name in RETIRED_QUEUES:
             channel.queue_delete(name)  # nothing to do when it does not exist
     return declared
