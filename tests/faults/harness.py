@@ -433,7 +433,13 @@ class Resources:
     def vhost(self) -> str:
         name = f"huiying-fault-{uuid.uuid4().hex[:10]}"
         auth = ("guest", "guest")
-        requests.put(f"{MANAGEMENT}/vhosts/{name}", auth=auth, timeout=10).raise_for_status()
+        try:
+            requests.put(f"{MANAGEMENT}/vhosts/{name}", auth=auth, timeout=10).raise_for_status()
+        except requests.ConnectionError:
+            raise RuntimeError(
+                f"RabbitMQ's management API ({MANAGEMENT}) is not answering; the fault tests and the "
+                "benchmarks make a vhost each through it: rabbitmq-plugins enable rabbitmq_management"
+            ) from None
         requests.put(
             f"{MANAGEMENT}/permissions/{name}/guest",
             json={"configure": ".*", "write": ".*", "read": ".*"},
