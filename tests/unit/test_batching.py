@@ -158,53 +158,67 @@ def test_envelopes_group_events_by_type_and_a_single_event_stays_a_plain_payload
     assert [len(body) if isinstance(body, list) else 1 for _, body in envelopes(many)] == [EVENTS_PER_MESSAGE, 1]
 
 
-def test_coalesced_runs_together_what_is_handed_over_during_a_run_and_gives_each_its_results():
+def _hand_over_during_the_first_run(together, function, first, others, call):
+    """``call(items)`` for ``first``, then for each of ``others`` while the run of ``first`` goes
+    on: that run waits until all of them have handed their items over. (With sleeps instead, a
+    run could end before the others were spawned on a loaded machine, as it did once in CI.)"""
     import eventlet
+    from eventlet.event import Event
 
+    gate, handed, pool = Event(), [], eventlet.GreenPool()
+
+    def gated(items):
+        if items == first:
+            gate.wait()
+        return function(items)
+
+    def hand_over(items):
+        handed.append(items)  # together() takes them before it can yield
+        call(items, gated)
+
+    with eventlet.Timeout(10):
+        pool.spawn(hand_over, first)
+        while not handed:
+            eventlet.sleep(0)
+        for items in others:
+            pool.spawn(hand_over, items)
+        while len(handed) < 1 + len(others):
+            eventlet.sleep(0)
+        gate.send()
+        pool.waitall()
+
+
+def test_coalesced_runs_together_what_is_handed_over_during_a_run_and_gives_each_its_results():
     together, runs, results = Coalesced(), [], {}
 
     def double(items):
         runs.append(list(items))
-        eventlet.sleep(0.02)
         return [2 * item for item in items]
 
-    def call(items):
-        results[items[0]] = together(items, double)
+    def call(items, function):
+        results[items[0]] = together(items, function)
 
-    pool = eventlet.GreenPool()
-    pool.spawn(call, [1])
-    eventlet.sleep(0.005)  # the first run is going on
-    pool.spawn(call, [2, 3])
-    pool.spawn(call, [4])
-    pool.waitall()
+    _hand_over_during_the_first_run(together, double, [1], [[2, 3], [4]], call)
     assert runs == [[1], [2, 3, 4]]
     assert results == {1: [2], 2: [4, 6], 4: [8]}
 
 
 def test_coalesced_a_failed_run_is_run_again_caller_by_caller_and_only_the_failing_caller_raises():
-    import eventlet
-
     together, outcomes, runs = Coalesced(), [], []
 
     def fails(items):
         runs.append(sorted(items))
-        eventlet.sleep(0.01)
         if 9 in items:
             raise ValueError("no")
         return [item * 10 for item in items]
 
-    def call(items):
+    def call(items, function):
         try:
-            outcomes.append((items[0], together(items, fails)))
+            outcomes.append((items[0], together(items, function)))
         except RunFailed as exc:
             outcomes.append((items[0], str(exc)))
 
-    pool = eventlet.GreenPool()
-    pool.spawn(call, [1])
-    eventlet.sleep(0.002)
-    pool.spawn(call, [9, 3])
-    pool.spawn(call, [2])
-    pool.waitall()
+    _hand_over_during_the_first_run(together, fails, [1], [[9, 3], [2]], call)
     assert sorted(outcomes) == [(1, [10]), (2, [20]), (9, "ValueError: no")]
     assert runs == [[1], [2, 3, 9], [3, 9], [2]]  # together, then each on its own
 
