@@ -22,6 +22,10 @@ processes (`huiying up`), notify sending its e-mail to an SMTP server on loopbac
   stored by intake → referred by routing → visible in supervision — from the moments the services
   record in their own transactions.
 - ``--profile``: py-spy samples each service during each run (bench/profiling.py).
+- ``--timeline``: each steady run's cases by the second they were sent (their p50 and largest
+  latency) beside the cores each process used in that second (sampled every half second): a
+  latency that rises with every process busy is the cores being full; one that rises with one
+  process is that process (``by_second``).
 - on a PostgreSQL running without autovacuum (this machine's), the benchmark vacuums and analyzes
   its own tables at autovacuum's default thresholds (bench/autovacuum.py), as a deployment's server would.
 """
@@ -344,6 +348,62 @@ def _vhost_messages(vhost: str) -> dict:
     return {"published": stats.get("publish", 0), "delivered": stats.get("deliver_get", 0)}
 
 
+class CpuTimeline:
+    """The cores each of the Meter's process groups used, every ``INTERVAL`` seconds, from
+    ``start`` until ``stop``: ``[(perf_counter moment, {group: cores})]``."""
+
+    INTERVAL = 0.5
+
+    def __init__(self, meter: "Meter"):
+        self.meter, self.samples, self._stop = meter, [], threading.Event()
+
+    def _cpu(self) -> dict[str, float]:
+        return {name: sum(_cpu_seconds(pid) for pid in group if pid) for name, group in self.meter._pids().items()}
+
+    def _sample(self):
+        before, at = self._cpu(), time.perf_counter()
+        while not self._stop.wait(self.INTERVAL):
+            now_cpu, now_at = self._cpu(), time.perf_counter()
+            span = now_at - at
+            self.samples.append(
+                (now_at, {name: (now_cpu[name] - before.get(name, now_cpu[name])) / span for name in now_cpu})
+            )
+            before, at = now_cpu, now_at
+
+    def start(self):
+        self.samples, self._thread = [], threading.Thread(target=self._sample, name="cpu-timeline", daemon=True)
+        self._stop.clear()
+        self._thread.start()
+
+    def stop(self) -> list:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return self.samples
+
+
+def by_second(start: float, scheduled: dict, latency: dict, samples: list) -> list[dict]:
+    """Each second of a steady run (cases by the moment they were to be sent): how many, their p50
+    and largest latency (ms), and the mean cores each process group used in that second."""
+    seconds = defaultdict(list)
+    for key, seconds_taken in latency.items():
+        seconds[int(scheduled[key] - start)].append(seconds_taken)
+    rows = []
+    for second in sorted(seconds):
+        taken = sorted(seconds[second])
+        inside = [cores for at, cores in samples if start + second < at <= start + second + 1]
+        groups = {name for cores in inside for name in cores}
+        rows.append(
+            {
+                "second": second,
+                "cases": len(taken),
+                "p50_ms": round(1000 * taken[len(taken) // 2]),
+                "max_ms": round(1000 * taken[-1]),
+                "cores": {n: round(sum(c.get(n, 0) for c in inside) / len(inside), 2) for n in sorted(groups)},
+            }
+        )
+    return rows
+
+
 class WallClock:
     """Turns the bench's perf_counter moments into the services' wall-clock time (same machine),
     from the two clocks read at the start and the end of a run and interpolated in between: a
@@ -400,17 +460,20 @@ def stages(stack, accepted: dict[str, float], watcher, clock: WallClock) -> dict
     }
 
 
-def run(stack, senders, watcher, prefix, count, rate, http_share, timeout) -> dict:
+def run(stack, senders, watcher, prefix, count, rate, http_share, timeout, timeline=None) -> dict:
     """Offer ``count`` cases (at ``rate``/s, or all at once when 0); the figures when each is
     visible in supervision. Latency is from the moment a case was accepted (its publish
     confirmed, its HTTP request answered); ``from_scheduled_`` from the moment it was to be sent,
     which adds the time the senders waited for intake to accept it."""
     payloads = [case_payload(i, SOURCE, prefix) for i in range(count)]
     clock = WallClock()
+    if timeline:
+        timeline.start()
     start = senders.offer(payloads, rate, http_share)
     expected = {p["external_id"] for p in payloads}
     complete = watcher.wait(expected, timeout)
     clock.stop()
+    samples = timeline.stop() if timeline else []
     accepted = {k: senders.accepted[k] for k in expected if k in senders.accepted}
     done = {k: watcher.seen[k] - t for k, t in accepted.items() if k in watcher.seen}
     from_scheduled = [watcher.seen[k] - senders.scheduled[k] for k in done]
@@ -426,6 +489,8 @@ def run(stack, senders, watcher, prefix, count, rate, http_share, timeout) -> di
     }
     figures["stages"] = stages(stack, accepted, watcher, clock)
     figures["wall_clock_drift_ms"] = clock.drift_ms()  # corrected for in the stages
+    if timeline:
+        figures["by_second"] = by_second(start, senders.scheduled, done, samples)
     if rate:  # kept up: took them in at the rate offered, none waiting long
         figures["kept_up"] = figures["throughput_per_s"] >= 0.95 * rate and figures["from_scheduled_p99_ms"] < 1000
     return figures
@@ -443,6 +508,11 @@ def main():
         "--profile",
         action="store_true",
         help="sample each service with py-spy during each run (pip install py-spy): top functions, *.folded",
+    )
+    parser.add_argument(
+        "--timeline",
+        action="store_true",
+        help="each steady run's latency by second beside each process's cores in it (by_second)",
     )
     args = parser.parse_args()
 
@@ -488,7 +558,10 @@ def main():
             name = f"steady_{rate:g}_per_s"
             with sampled(args.profile, pids, f"bench-e2e-steady-{rate:g}") as profile:
                 meter.start()
-                report[name] = run(stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900)
+                timeline = CpuTimeline(meter) if args.timeline else None
+                report[name] = run(
+                    stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900, timeline=timeline
+                )
             if profile:
                 report[name]["profile"] = profile
             stack.wait_settled(timeout=900, quiet_for=1)  # the next run starts with nothing behind
