@@ -235,9 +235,13 @@ class Meter:
         pids["benchmark (senders, watcher)"] = [os.getpid()]
         return pids
 
+    def cpu(self, pids: dict | None = None) -> dict[str, float]:
+        """CPU seconds so far of each process group (of ``pids``, or looked up now)."""
+        return {name: sum(_cpu_seconds(pid) for pid in group if pid) for name, group in (pids or self._pids()).items()}
+
     def _read(self) -> dict:
         pids = self._pids()
-        cpu = {name: sum(_cpu_seconds(pid) for pid in group if pid) for name, group in pids.items()}
+        cpu = self.cpu(pids)
         waited = {name: sum(_runqueue_seconds(pid) for pid in group if pid) for name, group in pids.items()}
         database = self.stack.engine.url.database
         commits = self.stack.scalar("SELECT xact_commit FROM pg_stat_database WHERE datname = :d", d=database)
@@ -357,13 +361,10 @@ class CpuTimeline:
     def __init__(self, meter: "Meter"):
         self.meter, self.samples, self._stop = meter, [], threading.Event()
 
-    def _cpu(self) -> dict[str, float]:
-        return {name: sum(_cpu_seconds(pid) for pid in group if pid) for name, group in self.meter._pids().items()}
-
     def _sample(self):
-        before, at = self._cpu(), time.perf_counter()
+        before, at = self.meter.cpu(), time.perf_counter()
         while not self._stop.wait(self.INTERVAL):
-            now_cpu, now_at = self._cpu(), time.perf_counter()
+            now_cpu, now_at = self.meter.cpu(), time.perf_counter()
             span = now_at - at
             self.samples.append(
                 (now_at, {name: (now_cpu[name] - before.get(name, now_cpu[name])) / span for name in now_cpu})
@@ -553,12 +554,12 @@ def main():
             report["burst"]["all_work_done_per_s"] = round(args.burst / report["burst"]["all_work_done_s"], 1)
         if profile:
             report["burst"]["profile"] = profile
+        timeline = CpuTimeline(meter) if args.timeline else None
         for n, rate in enumerate(float(r) for r in args.rates.split(",")):
             count = int(rate * args.seconds)
             name = f"steady_{rate:g}_per_s"
             with sampled(args.profile, pids, f"bench-e2e-steady-{rate:g}") as profile:
                 meter.start()
-                timeline = CpuTimeline(meter) if args.timeline else None
                 report[name] = run(
                     stack, senders, watcher, f"S{n}", count, rate, args.http_share, timeout=900, timeline=timeline
                 )

@@ -173,6 +173,8 @@ def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
         channel = connection.channel()
         for cls in service_classes:
             declare(event_exchange(cls.name), channel)
+        for name in RETIRED_QUEUES:
+            channel.queue_delete(name)  # nothing to do when it does not exist
 
     def declare_share(share: list) -> None:
         with Connection(amqp_uri, connect_timeout=5) as connection:
@@ -182,10 +184,5 @@ def declare_all(amqp_uri: str, service_classes=None) -> list[str]:
 
     shares = [queues[start::DECLARING_CONNECTIONS] for start in range(DECLARING_CONNECTIONS)]
     with ThreadPoolExecutor(DECLARING_CONNECTIONS) as pool:  # green threads once eventlet has patched
-        for declaring in [pool.submit(declare_share, share) for share in shares]:
-            declaring.result()  # a queue refused (TopologyMismatch) is raised here
-    with Connection(amqp_uri, connect_timeout=5) as connection:
-        channel = connection.channel()
-        for name in RETIRED_QUEUES:
-            channel.queue_delete(name)  # nothing to do when it does not exist
+        list(pool.map(declare_share, shares))  # a queue refused (TopologyMismatch) is raised here
     return declared

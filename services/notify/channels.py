@@ -119,7 +119,9 @@ def _from_header(sender: str) -> str:
     """``HUIYING_SMTP_FROM`` (``回应 <huiying@…>`` or a bare address) as the From header."""
     name, address = parseaddr(sender)
     if not PLAIN_ADDRESS.fullmatch(address):
-        raise ChannelError(f"email: the sender (HUIYING_SMTP_FROM) {sender!r} is not a plain e-mail address", False)
+        raise ChannelError(
+            f"email: the sender (HUIYING_SMTP_FROM) {sender!r} is not a plain e-mail address", retryable=False
+        )
     if not name:
         return address
     if name.isascii():

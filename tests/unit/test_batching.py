@@ -158,7 +158,7 @@ def test_envelopes_group_events_by_type_and_a_single_event_stays_a_plain_payload
     assert [len(body) if isinstance(body, list) else 1 for _, body in envelopes(many)] == [EVENTS_PER_MESSAGE, 1]
 
 
-def _hand_over_during_the_first_run(together, function, first, others, call):
+def _hand_over_during_the_first_run(function, first, others, call):
     """``call(items)`` for ``first``, then for each of ``others`` while the run of ``first`` goes
     on: that run waits until all of them have handed their items over. (With sleeps instead, a
     run could end before the others were spawned on a loaded machine, as it did once in CI.)"""
@@ -198,7 +198,7 @@ def test_coalesced_runs_together_what_is_handed_over_during_a_run_and_gives_each
     def call(items, function):
         results[items[0]] = together(items, function)
 
-    _hand_over_during_the_first_run(together, double, [1], [[2, 3], [4]], call)
+    _hand_over_during_the_first_run(double, [1], [[2, 3], [4]], call)
     assert runs == [[1], [2, 3, 4]]
     assert results == {1: [2], 2: [4, 6], 4: [8]}
 
@@ -218,7 +218,7 @@ def test_coalesced_a_failed_run_is_run_again_caller_by_caller_and_only_the_faili
         except RunFailed as exc:
             outcomes.append((items[0], str(exc)))
 
-    _hand_over_during_the_first_run(together, fails, [1], [[9, 3], [2]], call)
+    _hand_over_during_the_first_run(fails, [1], [[9, 3], [2]], call)
     assert sorted(outcomes) == [(1, [10]), (2, [20]), (9, "ValueError: no")]
     assert runs == [[1], [2, 3, 9], [3, 9], [2]]  # together, then each on its own
 
