@@ -53,6 +53,11 @@ case_projection = Table(
     Column("nearest_due", UTCDateTime),
     Column("on_agenda", Boolean, nullable=False, server_default=false()),
     Column("closed_at", UTCDateTime),  # set by case_closed, cleared by case_reopened (the board's weekly counts)
+    # When the event that set ``status`` (and ``closed_at``) occurred: routing's events come in one
+    # queue per type, so a case_reopened may be projected after the case_referred of the round it
+    # opened; an event older than this changes neither (projection._projected).
+    Column("status_at", UTCDateTime),
+    Column("rated_at", UTCDateTime),  # as status_at, for last_rating (a retried rating comes late)
     Index("ix_supervision_cases_shard", "street", "category"),  # a sweep shard's cases
     Index("ix_supervision_cases_cluster", "cluster_key"),
     Index("ix_supervision_cases_changed", "changed_at"),
@@ -91,6 +96,10 @@ referral_projection = Table(
     Column("returned_at", UTCDateTime),
     Column("replied_at", UTCDateTime),
     Column("replied_on_time", Boolean),  # replied by the due date then in force (routing says)
+    # When the events that set ``status`` and ``extension`` occurred: one older than these, come
+    # late from another queue, changes neither (as status_at of a case).
+    Column("status_at", UTCDateTime),
+    Column("extension_at", UTCDateTime),
     Index("ix_supervision_referrals_case", "case_id"),
     Index("ix_supervision_referrals_referred", "referred_at"),
 )

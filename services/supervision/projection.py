@@ -5,6 +5,12 @@ Every event is recorded once in the timeline (its ``event_id`` is unique), and o
 recording changes the projection, so redelivered events change nothing. Events from routing may
 overtake the ``case_received`` from intake (different queues): the case row is then started
 from what routing's event carries and completed when intake's event arrives.
+
+Routing's events come in one queue per type, so they may also overtake each other. Counts add up
+in any order; a status (of a case, or of a referral and its extension) is kept with the time of
+the event that set it, and an older event projected later leaves it alone. A step on a referral
+whose ``case_referred`` has not been projected yet raises ``ReferralNotProjectedYet``: the event
+is retried a little later (events.py), by when the referral is there to change.
 """
 
 import bisect
@@ -65,6 +71,10 @@ DETAIL_KEYS = (
     "category",
     "street",
 )
+
+
+class ReferralNotProjectedYet(Exception):
+    """A step on a referral came before the ``case_referred`` that made it (another queue)."""
 
 
 def _at(event: dict) -> datetime:
@@ -561,6 +571,7 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     c = case_projection.c
     unique = {event["event_id"]: event for event in events}  # an event delivered twice in one batch counts once
     ordered = sorted(unique.values(), key=lambda e: (e["case_id"], e["occurred_at"]))
+    _refuse_steps_on_unknown_referrals(session, ordered)
     recorded = set(
         insert_many_ignoring_duplicates(
             session, timeline, [_timeline_row(e["event_type"], e, _at(e)) for e in ordered], timeline.c.event_id
@@ -597,14 +608,18 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     categories_before = {case_id: case["category"] for case_id, case in cases.items()}
     changed_columns = defaultdict(set)
     new_referrals, referral_changes, due_changed = [], {}, set()
+    as_of = _referrals_as_of(session, fresh)  # read under the cases' locks, which cover their referrals
     for event in fresh:
         case_id, at = event["case_id"], _at(event)
         values, referrals, referral_values = _projected(event, cases[case_id], at)
         cases[case_id].update(values)
         changed_columns[case_id] |= values.keys()
         new_referrals += referrals
+        as_of.update((r["referral_id"], {"status_at": None, "extension_at": None, "updated_at": at}) for r in referrals)
         if referral_values and event.get("referral_id"):
-            referral_changes.setdefault(event["referral_id"], {}).update(updated_at=at, **referral_values)
+            referral_values = _newer_only(referral_values, as_of[event["referral_id"]], at)
+            as_of[event["referral_id"]].update(referral_values)
+            referral_changes.setdefault(event["referral_id"], {}).update(referral_values)
         if referrals or referral_values:
             due_changed.add(case_id)
     insert_many_ignoring_duplicates(session, referral_projection, new_referrals, referral_projection.c.referral_id)
@@ -636,24 +651,76 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     return case_ids
 
 
+def _refuse_steps_on_unknown_referrals(session, events: list[dict]) -> None:
+    """Raise ``ReferralNotProjectedYet`` when one of ``events`` is a step on a referral neither
+    projected nor made by another of them (its ``case_referred`` is still in its queue)."""
+    made_here = {r["referral_id"] for e in events if e["event_type"] == "case_referred" for r in e["referrals"]}
+    named = {e["referral_id"] for e in events if e.get("referral_id")} - made_here
+    if not named:
+        return
+    r = referral_projection.c
+    unknown = named - set(session.scalars(select(r.referral_id).where(r.referral_id.in_(sorted(named)))))
+    if unknown:
+        raise ReferralNotProjectedYet(
+            f"no referral {', '.join(sorted(unknown)[:3])} yet: a step on it came before the case_referred"
+            " that made it (retried until that event is projected)"
+        )
+
+
+def _referrals_as_of(session, events: list[dict]) -> dict[str, dict]:
+    """When the status and the extension of each referral ``events`` name were set, and the latest
+    event about it."""
+    named = sorted({e["referral_id"] for e in events if e.get("referral_id")})
+    if not named:
+        return {}
+    r = referral_projection.c
+    rows = session.execute(
+        select(r.referral_id, r.status_at, r.extension_at, r.updated_at).where(r.referral_id.in_(named))
+    )
+    return {row.referral_id: row._asdict() for row in rows}
+
+
+def _newer_only(referral_values: dict, as_of: dict, at: datetime) -> dict:
+    """``referral_values`` without the status and the extension when an event later than ``at``
+    set them already; with the times they are set as of."""
+    kept = dict(referral_values, updated_at=max(at, as_of["updated_at"]))
+    for field in ("status", "extension"):
+        if field not in kept:
+            continue
+        if as_of[f"{field}_at"] is not None and at < as_of[f"{field}_at"]:
+            del kept[field]
+        else:
+            kept[f"{field}_at"] = at
+    return kept
+
+
 def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict], dict]:
     """What one of routing's events changes: ``(the case's new values, referrals to add, the
-    named referral's new values)``, given the case as it stands."""
+    named referral's new values)``, given the case as it stands. A status older than the case's
+    (``status_at``) is not applied, nor what goes with it (closed_at, triage's category); nor an
+    older rating, nor the lead department of an older round."""
     event_type = event["event_type"]
-    values = {"updated_at": at, "changed_at": now()}
+    values = {"updated_at": max(at, case["updated_at"]), "changed_at": now()}
     referrals, referral_values = [], {}
-    if event_type in CASE_STATUS:
-        values["status"] = CASE_STATUS[event_type]
+    latest = case["status_at"] is None or at >= case["status_at"]
+    status = CASE_STATUS.get(event_type)
+    if event_type == "referral_replied" and event.get("case_replied"):
+        status = "replied"
+    if status and latest:
+        values.update(status=status, status_at=at)
     if event_type == "case_referred":
-        departments = list(
-            dict.fromkeys([*(case["departments"] or []), *(r["department"] for r in event["referrals"])])
-        )
+        known, named = case["departments"] or [], [r["department"] for r in event["referrals"]]
+        if case["lead_department"] is None or event["round"] - 1 >= case["reopen_count"]:
+            values["lead_department"] = event["referrals"][0]["department"]
+        else:  # an older round than one projected: its departments were referred to first
+            known, named = named, known
         values.update(
-            departments=departments,
-            lead_department=event["referrals"][0]["department"],
-            first_referred_at=case["first_referred_at"] or at,
+            departments=list(dict.fromkeys([*known, *named])),
+            first_referred_at=min(case["first_referred_at"] or at, at),
             category=event.get("category") or case["category"],
             kind=event.get("kind") or case["kind"],
+            # round n comes of the (n-1)th reopening, whether or not its case_reopened is here yet
+            reopen_count=max(case["reopen_count"], event["round"] - 1),
         )
         referrals = [
             dict(
@@ -670,20 +737,18 @@ def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict],
             )
             for r in event["referrals"]
         ]
-    elif event_type == "case_needs_triage":
+    elif event_type == "case_needs_triage" and latest:
         values.update(category=event.get("category") or case["category"])
     elif event_type == "referral_returned":
         values["returns"] = case["returns"] + 1
     elif event_type == "extension_requested":
         values["extensions"] = case["extensions"] + 1
-    elif event_type == "referral_replied" and event.get("case_replied"):
-        values["status"] = "replied"
     elif event_type == "feedback_received":
-        values.update(
-            last_rating=event["rating"], unsatisfied_count=case["unsatisfied_count"] + (event["rating"] == "不满意")
-        )
+        values["unsatisfied_count"] = case["unsatisfied_count"] + (event["rating"] == "不满意")
+        if case["rated_at"] is None or at >= case["rated_at"]:
+            values.update(last_rating=event["rating"], rated_at=at)
     elif event_type == "case_reopened":
-        values["reopen_count"] = event["reopen_count"]
+        values["reopen_count"] = max(case["reopen_count"], event["reopen_count"])
     if event_type in REFERRAL_STATUS:
         referral_values["status"] = REFERRAL_STATUS[event_type]
     if event_type in EXTENSION:
@@ -694,9 +759,9 @@ def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict],
         referral_values[MILESTONE[event_type]] = at
     if event_type == "referral_replied":
         referral_values["replied_on_time"] = bool(event.get("on_time"))
-    if event_type == "case_closed":
+    if event_type == "case_closed" and latest:
         values["closed_at"] = at
-    elif event_type == "case_reopened":
+    elif event_type == "case_reopened" and latest:
         values["closed_at"] = None
     return values, referrals, referral_values
 

@@ -190,3 +190,51 @@ def test_in_a_message_of_several_events_only_the_poison_one_is_retried_and_parke
     assert parked.headers["x-huiying-reason"] == "failed 2 times, last: ValueError: this event can never be projected"
     assert seen[0] == ["LG-2026-000901", "LG-2026-000902", "LG-2026-000903"]  # one batch first
     assert referrals_seen_by_supervision(rpc, "LG-2026-000902") == []
+
+
+def test_a_step_on_a_referral_that_came_before_its_case_referred_is_applied_on_a_retry(
+    run_services, rpc, rabbit_config
+):
+    """Routing's events come in one queue per type: a referral_accepted may reach supervision
+    before the case_referred that made the referral. It is retried (after 1 s, 2 s …) and
+    applied once the referral is there; nothing is parked."""
+    from kombu import Producer
+
+    from services.common.topology import event_exchange
+
+    run_services("supervision")
+    case_id = "LG-2026-000950"
+    referred = referred_event(case_id)
+    accepted = {
+        "event_id": str(uuid.uuid4()),
+        "event_type": "referral_accepted",
+        "occurred_at": "2026-10-09T11:00:00+08:00",
+        "case_id": case_id,
+        "referral_id": f"{case_id}-R1",
+        "department": "cgj",
+    }
+    with Connection(rabbit_config["AMQP_URI"]) as connection:
+        producer = Producer(connection.channel())
+        for event in (accepted, referred):
+            producer.publish(
+                [event],
+                exchange=event_exchange("routing"),
+                routing_key=event["event_type"],
+                serializer="json",
+                delivery_mode=2,
+            )
+            if event is accepted:  # the step is refused first, not merely handled second
+                wait_for(lambda: retried(rabbit_config["AMQP_URI"]), timeout=10)
+    wait_for(lambda: [r for r in referrals_seen_by_supervision(rpc, case_id) if r["status"] == "accepted"], timeout=15)
+    record = rpc.supervision.get_case_record(case_id)
+    assert [step["event"] for step in record["timeline"]] == ["case_referred", "referral_accepted"]
+    assert parked_messages(rabbit_config["AMQP_URI"], 0) == []
+
+
+def retried(amqp_uri: str) -> bool:
+    """Whether a referral_accepted waits in supervision's retry queue."""
+    from services.common.events import retry_queue_for
+
+    with Connection(amqp_uri) as connection:
+        queue = retry_queue_for("evt-routing-referral_accepted--supervision.on_routing_event")(connection.channel())
+        return queue.queue_declare(passive=True).message_count > 0
