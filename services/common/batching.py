@@ -67,6 +67,10 @@ class Batching:
     the method gets one item, as nameko's own consumers get one body; above 1, a list of items.
     The subclass's ``handle_message_processed(message, result, exc_info)`` settles a message."""
 
+    # How long a batch took, and the wait for more: the unit tests drive them by hand.
+    clock = staticmethod(time.monotonic)
+    sleep = staticmethod(eventlet.sleep)
+
     def __init__(
         self,
         *args,
@@ -167,7 +171,7 @@ class Batching:
     def _flush(self):
         gather = self.gather_for()
         if gather and len(self._waiting) < self.max_batch:
-            eventlet.sleep(gather)
+            self.sleep(gather)
         self._flush_scheduled = False
         while self._in_flight < self.batches_in_flight and (self._waiting or self._alone):
             if self._alone:
@@ -181,7 +185,7 @@ class Batching:
         items = [item for item, _message in batch]
         args = (items,) if self.max_batch > 1 else (items[0],)
         self._in_flight += 1
-        started = time.monotonic()
+        started = self.clock()
         try:
             # blocks while the container's workers are all busy: that is the back-pressure
             self.container.spawn_worker(
@@ -199,7 +203,7 @@ class Batching:
 
     def _batch_handled(self, batch, started, worker_ctx, result=None, exc_info=None):
         self._in_flight -= 1
-        self._last_batch_seconds = time.monotonic() - started
+        self._last_batch_seconds = self.clock() - started
         metrics.observe_run(f"{self.method_name} batch", self._last_batch_seconds, len(batch))
         if exc_info is not None and isinstance(exc_info[1], SomeFailed):
             errors = exc_info[1].errors

@@ -16,6 +16,7 @@ class FakeContainer:
     def __init__(self, handler):
         self.handler, self.threads, self.batches = handler, [], []
         self.config = {}  # the service's nameko config
+        self.workers_wait = False  # True: a worker runs as a thread, in turn, as nameko's do
 
     def spawn_managed_thread(self, fn, identifier=None):
         self.threads.append(fn)
@@ -25,6 +26,12 @@ class FakeContainer:
             self.threads.pop(0)()
 
     def spawn_worker(self, entrypoint, args, kwargs, context_data=None, handle_result=None):
+        if self.workers_wait:
+            self.threads.append(lambda: self._work(args, handle_result))
+        else:
+            self._work(args, handle_result)
+
+    def _work(self, args, handle_result):
         self.batches.append(list(args[0]))
         try:
             result, exc_info = self.handler(args[0]), None
@@ -229,69 +236,68 @@ def test_max_batch_must_be_positive():
 
 
 def test_with_a_gather_time_a_batch_waits_for_more_but_no_longer_than_the_previous_batch_took():
-    import eventlet
-
     def batches(gather_seconds, first_takes, own_gather=None):
-        """Message 1 goes at once (no batch before it) and takes ``first_takes``; 2 arrives while
-        it is handled, 3 a moment after it is done."""
+        """Message 1 goes at once (no batch before it) and takes ``first_takes`` on the clock; 2
+        arrives while it is handled, 3 while the next batch waits for more, if it does. Returns
+        the batches and the waits."""
+        clock, waits = [0.0], []
 
         def handle(items):
-            if items == [1]:
-                eventlet.sleep(first_takes)
+            if 1 in items:
+                point.handle_message(2, "m2")
+                clock[0] += first_takes
+
+        def wait_for_more(seconds):
+            waits.append(seconds)
+            clock[0] += seconds
+            if len(waits) == 1:  # 3 arrives during the first wait
+                point.handle_message(3, "m3")
 
         point = Entrypoint(handle, gather_seconds=own_gather)
-        container = point.container
-        container.config = {"BATCH_GATHER_SECONDS": gather_seconds}
-        container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
-        run_worker = container.spawn_worker  # in a greenthread of its own, as nameko's workers
-        container.spawn_worker = lambda *args, **kwargs: eventlet.spawn(run_worker, *args, **kwargs)
+        point.clock, point.sleep = lambda: clock[0], wait_for_more
+        point.container.workers_wait = True
+        point.container.config = {"BATCH_GATHER_SECONDS": gather_seconds}
         point.setup()
         point.handle_message(1, "m1")
-        eventlet.sleep(0.05)
-        point.handle_message(2, "m2")
-        eventlet.sleep(first_takes + 0.1 - 0.05)  # [1] is done; [2] is gathering, if it may
-        point.handle_message(3, "m3")
-        eventlet.sleep(0.4)
-        return point.container.batches
+        point.container.run_threads()
+        if not waits:  # nothing waited: 3 arrives after 2's batch
+            point.handle_message(3, "m3")
+            point.container.run_threads()
+        return point.container.batches, waits
 
-    assert batches(0, first_takes=0.2) == [[1], [2], [3]]  # no gathering
-    assert batches(0.5, first_takes=0.2) == [[1], [2, 3]]  # [2] waits for more, up to 0.2 s
-    assert batches(0.5, first_takes=0) == [[1], [2], [3]]  # a quick batch: next to no wait
+    assert batches(0, first_takes=0.2) == ([[1], [2], [3]], [])  # no gathering
+    assert batches(0.5, first_takes=0.2) == ([[1], [2, 3]], [0.2])  # [2] waits for more, up to 0.2 s
+    assert batches(0.5, first_takes=0) == ([[1], [2], [3]], [])  # a quick batch: no wait
     # a queue no case waits on gathers for its own time, whatever the setting and the last batch:
-    # the first message waits too, and the three arrive within it
-    assert batches(0, first_takes=0, own_gather=0.2) == [[1, 2, 3]]
+    # the first message waits too
+    assert batches(0, first_takes=0, own_gather=0.2) == ([[1, 3], [2]], [0.2, 0.2])
 
 
 def test_with_batches_in_flight_a_batch_goes_to_a_worker_while_the_previous_one_is_handled():
-    """As supervision's queues of routing's events, whose batches the projection's run merges."""
-    import time
+    """As supervision's queues of routing's events, whose batches the projection's run merges:
+    with two in flight, message 2, arriving while 1 is handled, is handed to a worker then; with
+    one, only once 1 is done."""
 
-    import eventlet
-
-    def started_at(batches_in_flight):
-        started = {}
+    def order(batches_in_flight):
+        steps = []
 
         def handle(items):
-            started[items[0]] = time.monotonic()
-            eventlet.sleep(0.2)
+            steps.append(f"{items[0]} starts")
+            if items == [1]:
+                point.handle_message(2, "m2")
+                point.container.run_threads()  # what the consumer's thread would do meanwhile
+            steps.append(f"{items[0]} ends")
 
-        point = Entrypoint(handle, gather_seconds=0, batches_in_flight=batches_in_flight)
-        container = point.container
-        container.spawn_managed_thread = lambda fn, identifier=None: eventlet.spawn(fn)
-        run_worker = container.spawn_worker
-        container.spawn_worker = lambda *args, **kwargs: eventlet.spawn(run_worker, *args, **kwargs)
-        point.setup()
-        sent = time.monotonic()
+        point = entrypoint(handle, gather_seconds=0, batches_in_flight=batches_in_flight)
+        point.container.workers_wait = True
         point.handle_message(1, "m1")
-        eventlet.sleep(0.05)
-        point.handle_message(2, "m2")
-        eventlet.sleep(0.5)
-        assert container.batches == [[1], [2]] and point.settled == [("m1", None), ("m2", None)]
+        point.container.run_threads()
+        assert point.container.batches == [[1], [2]] and sorted(point.settled) == [("m1", None), ("m2", None)]
         assert point.prefetch_count == 50 * (batches_in_flight + 1)
-        return started[2] - sent
+        return steps
 
-    assert started_at(1) >= 0.2  # waited for the first batch to be handled
-    assert started_at(2) < 0.15  # handed over at once
+    assert order(1) == ["1 starts", "1 ends", "2 starts", "2 ends"]
+    assert order(2) == ["1 starts", "2 starts", "2 ends", "1 ends"]
     with pytest.raises(ValueError, match="batches_in_flight"):
         Entrypoint(lambda items: None, batches_in_flight=0)
 
