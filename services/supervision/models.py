@@ -55,9 +55,15 @@ case_projection = Table(
     Column("closed_at", UTCDateTime),  # set by case_closed, cleared by case_reopened (the board's weekly counts)
     # When the event that set ``status`` (and ``closed_at``) occurred: routing's events come in one
     # queue per type, so a case_reopened may be projected after the case_referred of the round it
-    # opened; an event older than this changes neither (projection._projected).
+    # opened; an event older than this changes neither (projection._projected). The same for
+    # ``last_rating``, for ``lead_department`` and ``kind`` (the latest case_referred's), and for
+    # ``category``.
     Column("status_at", UTCDateTime),
-    Column("rated_at", UTCDateTime),  # as status_at, for last_rating (a retried rating comes late)
+    Column("rated_at", UTCDateTime),
+    Column("lead_at", UTCDateTime),
+    Column("category_at", UTCDateTime),
+    # Steps on a referral projected before the case_referred that makes it, which applies them.
+    Column("early_steps", Integer, nullable=False, server_default="0"),
     Index("ix_supervision_cases_shard", "street", "category"),  # a sweep shard's cases
     Index("ix_supervision_cases_cluster", "cluster_key"),
     Index("ix_supervision_cases_changed", "changed_at"),

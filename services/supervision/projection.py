@@ -7,10 +7,11 @@ overtake the ``case_received`` from intake (different queues): the case row is t
 from what routing's event carries and completed when intake's event arrives.
 
 Routing's events come in one queue per type, so they may also overtake each other. Counts add up
-in any order; a status (of a case, or of a referral and its extension) is kept with the time of
-the event that set it, and an older event projected later leaves it alone. A step on a referral
-whose ``case_referred`` has not been projected yet raises ``ReferralNotProjectedYet``: the event
-is retried a little later (events.py), by when the referral is there to change.
+in any order; what the latest event of some kind says (a case's status, rating, lead department
+and category; a referral's status and extension) is kept with the time of that event, and an
+older event projected later leaves it alone. A step on a referral whose ``case_referred`` has not
+been projected yet changes the case at once and waits in the timeline; the ``case_referred``
+applies it to the referral when it comes (``early_steps`` counts the case's waiting steps).
 """
 
 import bisect
@@ -55,6 +56,7 @@ OPEN_REFERRAL = ("referred", "accepted")  # a deadline that still runs
 REFERRAL_STATUS = {"referral_accepted": "accepted", "referral_returned": "returned", "referral_replied": "replied"}
 MILESTONE = {"referral_accepted": "accepted_at", "referral_returned": "returned_at", "referral_replied": "replied_at"}
 EXTENSION = {"extension_requested": "requested", "extension_granted": "granted", "extension_refused": "refused"}
+STEPS = (*REFERRAL_STATUS, *EXTENSION)  # a department's steps on one referral (each names it)
 DETAIL_KEYS = (
     "department",
     "department_name",
@@ -64,6 +66,7 @@ DETAIL_KEYS = (
     "working_days",
     "due_at",
     "result",
+    "on_time",
     "round",
     "reopen_count",
     "source",
@@ -71,10 +74,6 @@ DETAIL_KEYS = (
     "category",
     "street",
 )
-
-
-class ReferralNotProjectedYet(Exception):
-    """A step on a referral came before the ``case_referred`` that made it (another queue)."""
 
 
 def _at(event: dict) -> datetime:
@@ -571,7 +570,6 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     c = case_projection.c
     unique = {event["event_id"]: event for event in events}  # an event delivered twice in one batch counts once
     ordered = sorted(unique.values(), key=lambda e: (e["case_id"], e["occurred_at"]))
-    _refuse_steps_on_unknown_referrals(session, ordered)
     recorded = set(
         insert_many_ignoring_duplicates(
             session, timeline, [_timeline_row(e["event_type"], e, _at(e)) for e in ordered], timeline.c.event_id
@@ -609,20 +607,38 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     changed_columns = defaultdict(set)
     new_referrals, referral_changes, due_changed = [], {}, set()
     as_of = _referrals_as_of(session, fresh)  # read under the cases' locks, which cover their referrals
+    applied = set()  # the steps applied to their referral now
+    out_of_order = set()  # cases with a referral projected after a later one
     for event in fresh:
         case_id, at = event["case_id"], _at(event)
-        values, referrals, referral_values = _projected(event, cases[case_id], at)
-        cases[case_id].update(values)
+        case = cases[case_id]
+        values, referrals = _projected(event, case, at)
+        if referrals and "lead_at" not in values:
+            out_of_order.add(case_id)
+        if event["event_type"] in STEPS:
+            if event["referral_id"] in as_of:
+                _change_referral(as_of, referral_changes, event, at)
+                applied.add(event["event_id"])
+            else:  # it overtook the case_referred that makes its referral, which will apply it
+                values["early_steps"] = case["early_steps"] + 1
+            due_changed.add(case_id)
+        case.update(values)
         changed_columns[case_id] |= values.keys()
         new_referrals += referrals
-        as_of.update((r["referral_id"], {"status_at": None, "extension_at": None, "updated_at": at}) for r in referrals)
-        if referral_values and event.get("referral_id"):
-            referral_values = _newer_only(referral_values, as_of[event["referral_id"]], at)
-            as_of[event["referral_id"]].update(referral_values)
-            referral_changes.setdefault(event["referral_id"], {}).update(referral_values)
-        if referrals or referral_values:
+        as_of.update((r["referral_id"], {**r, "status_at": None, "extension_at": None}) for r in referrals)
+        if referrals:
             due_changed.add(case_id)
+    made = {r["referral_id"] for r in new_referrals}
+    waiting = sorted({r["case_id"] for r in new_referrals if cases[r["case_id"]]["early_steps"]})
+    for step in _early_steps(session, waiting, made, applied) if waiting else []:
+        _change_referral(as_of, referral_changes, step, step["at"])
+        cases[step["case_id"]]["early_steps"] -= 1
+        changed_columns[step["case_id"]].add("early_steps")
     insert_many_ignoring_duplicates(session, referral_projection, new_referrals, referral_projection.c.referral_id)
+    if out_of_order:
+        for case_id, departments in _departments_in_referral_order(session, sorted(out_of_order)).items():
+            cases[case_id]["departments"] = departments
+            changed_columns[case_id].add("departments")
     update_many(
         session,
         referral_projection,
@@ -651,38 +667,80 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     return case_ids
 
 
-def _refuse_steps_on_unknown_referrals(session, events: list[dict]) -> None:
-    """Raise ``ReferralNotProjectedYet`` when one of ``events`` is a step on a referral neither
-    projected nor made by another of them (its ``case_referred`` is still in its queue)."""
-    made_here = {r["referral_id"] for e in events if e["event_type"] == "case_referred" for r in e["referrals"]}
-    named = {e["referral_id"] for e in events if e.get("referral_id")} - made_here
-    if not named:
-        return
+def _departments_in_referral_order(session, case_ids: list[str]) -> dict[str, list[str]]:
+    """Each case's departments in the order they were first referred to (routing numbers a case's
+    referrals ``<case id>-R1``, ``-R2`` … as it makes them)."""
     r = referral_projection.c
-    unknown = named - set(session.scalars(select(r.referral_id).where(r.referral_id.in_(sorted(named)))))
-    if unknown:
-        raise ReferralNotProjectedYet(
-            f"no referral {', '.join(sorted(unknown)[:3])} yet: a step on it came before the case_referred"
-            " that made it (retried until that event is projected)"
-        )
+    rows = session.execute(select(r.case_id, r.referral_id, r.department).where(r.case_id.in_(case_ids)))
+    by_case = defaultdict(list)
+    for row in sorted(rows, key=lambda row: int(row.referral_id.rsplit("-R", 1)[1])):
+        by_case[row.case_id].append(row.department)
+    return {case_id: list(dict.fromkeys(departments)) for case_id, departments in by_case.items()}
 
 
 def _referrals_as_of(session, events: list[dict]) -> dict[str, dict]:
-    """When the status and the extension of each referral ``events`` name were set, and the latest
-    event about it."""
+    """As they stand, the referrals ``events`` name (those projected): their due date, and when
+    their status and extension were set and the latest event about them occurred."""
     named = sorted({e["referral_id"] for e in events if e.get("referral_id")})
     if not named:
         return {}
     r = referral_projection.c
     rows = session.execute(
-        select(r.referral_id, r.status_at, r.extension_at, r.updated_at).where(r.referral_id.in_(named))
+        select(r.referral_id, r.due_at, r.status_at, r.extension_at, r.updated_at).where(r.referral_id.in_(named))
     )
     return {row.referral_id: row._asdict() for row in rows}
 
 
+def _early_steps(session, case_ids: list[str], referral_ids: set[str], applied: set[str]) -> list[dict]:
+    """The steps on ``referral_ids`` (just made) that the timeline of ``case_ids`` holds and were
+    not ``applied`` yet — they came before their referral — as events, in the order they occurred."""
+    t = timeline.c
+    rows = session.execute(
+        select(t.event_id, t.case_id, t.event_type, t.at, t.details)
+        .where(t.case_id.in_(case_ids), t.event_type.in_(STEPS))
+        .order_by(t.at, t.id)
+    )
+    return [
+        {
+            **(row.details or {}),
+            "event_id": row.event_id,
+            "case_id": row.case_id,
+            "event_type": row.event_type,
+            "at": row.at,
+        }
+        for row in rows
+        if (row.details or {}).get("referral_id") in referral_ids and row.event_id not in applied
+    ]
+
+
+def _change_referral(as_of: dict, referral_changes: dict, step: dict, at: datetime) -> None:
+    """Add what ``step`` changes of its referral to ``referral_changes`` (and to ``as_of``)."""
+    referral_id = step["referral_id"]
+    values = _newer_only(_referral_values(step, at), as_of[referral_id], at)
+    as_of[referral_id].update(values)
+    referral_changes.setdefault(referral_id, {}).update(values)
+
+
+def _referral_values(step: dict, at: datetime) -> dict:
+    """What a department's step sets of its referral."""
+    event_type, values = step["event_type"], {}
+    if event_type in REFERRAL_STATUS:
+        values["status"] = REFERRAL_STATUS[event_type]
+    if event_type in EXTENSION:
+        values["extension"] = EXTENSION[event_type]
+    if event_type == "extension_granted":
+        values["due_at"] = datetime.fromisoformat(step["due_at"])
+    if event_type in MILESTONE:
+        values[MILESTONE[event_type]] = at
+    if event_type == "referral_replied":
+        values["replied_on_time"] = bool(step.get("on_time"))
+    return values
+
+
 def _newer_only(referral_values: dict, as_of: dict, at: datetime) -> dict:
     """``referral_values`` without the status and the extension when an event later than ``at``
-    set them already; with the times they are set as of."""
+    set them already, with the times they are set as of; a granted extension only ever moves the
+    due date later (a second one may be projected before the first)."""
     kept = dict(referral_values, updated_at=max(at, as_of["updated_at"]))
     for field in ("status", "extension"):
         if field not in kept:
@@ -691,34 +749,43 @@ def _newer_only(referral_values: dict, as_of: dict, at: datetime) -> dict:
             del kept[field]
         else:
             kept[f"{field}_at"] = at
+    if "due_at" in kept:
+        kept["due_at"] = max(kept["due_at"], as_of["due_at"])
     return kept
 
 
-def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict], dict]:
-    """What one of routing's events changes: ``(the case's new values, referrals to add, the
-    named referral's new values)``, given the case as it stands. A status older than the case's
-    (``status_at``) is not applied, nor what goes with it (closed_at, triage's category); nor an
-    older rating, nor the lead department of an older round."""
+def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict]]:
+    """What one of routing's events changes of its case, and the referrals it adds, given the case
+    as it stands. What an event later than this one set already stays: the status (and the
+    closing time that goes with it), the rating, the lead department and kind, the category."""
     event_type = event["event_type"]
     values = {"updated_at": max(at, case["updated_at"]), "changed_at": now()}
-    referrals, referral_values = [], {}
-    latest = case["status_at"] is None or at >= case["status_at"]
+    referrals = []
+
+    def latest(what: str) -> bool:
+        """Whether no event later than this one set ``what`` (status, rated, lead, category)."""
+        return case[f"{what}_at"] is None or at >= case[f"{what}_at"]
+
     status = CASE_STATUS.get(event_type)
     if event_type == "referral_replied" and event.get("case_replied"):
         status = "replied"
-    if status and latest:
+    if status and latest("status"):
         values.update(status=status, status_at=at)
+        if event_type == "case_closed":
+            values["closed_at"] = at
+        elif event_type == "case_reopened":
+            values["closed_at"] = None
+    if event_type in ("case_referred", "case_needs_triage") and event.get("category") and latest("category"):
+        values.update(category=event["category"], category_at=at)
     if event_type == "case_referred":
         known, named = case["departments"] or [], [r["department"] for r in event["referrals"]]
-        if case["lead_department"] is None or event["round"] - 1 >= case["reopen_count"]:
-            values["lead_department"] = event["referrals"][0]["department"]
-        else:  # an older round than one projected: its departments were referred to first
-            known, named = named, known
+        if latest("lead"):
+            values.update(lead_department=named[0], kind=event.get("kind") or case["kind"], lead_at=at)
+        # (else a later referral is projected already: record_routing_events puts the departments
+        # back in the order they were first referred to, once this one's referrals are stored)
         values.update(
             departments=list(dict.fromkeys([*known, *named])),
             first_referred_at=min(case["first_referred_at"] or at, at),
-            category=event.get("category") or case["category"],
-            kind=event.get("kind") or case["kind"],
             # round n comes of the (n-1)th reopening, whether or not its case_reopened is here yet
             reopen_count=max(case["reopen_count"], event["round"] - 1),
         )
@@ -737,33 +804,17 @@ def _projected(event: dict, case: dict, at: datetime) -> tuple[dict, list[dict],
             )
             for r in event["referrals"]
         ]
-    elif event_type == "case_needs_triage" and latest:
-        values.update(category=event.get("category") or case["category"])
     elif event_type == "referral_returned":
         values["returns"] = case["returns"] + 1
     elif event_type == "extension_requested":
         values["extensions"] = case["extensions"] + 1
     elif event_type == "feedback_received":
         values["unsatisfied_count"] = case["unsatisfied_count"] + (event["rating"] == "不满意")
-        if case["rated_at"] is None or at >= case["rated_at"]:
+        if latest("rated"):
             values.update(last_rating=event["rating"], rated_at=at)
     elif event_type == "case_reopened":
         values["reopen_count"] = max(case["reopen_count"], event["reopen_count"])
-    if event_type in REFERRAL_STATUS:
-        referral_values["status"] = REFERRAL_STATUS[event_type]
-    if event_type in EXTENSION:
-        referral_values["extension"] = EXTENSION[event_type]
-    if event_type == "extension_granted":
-        referral_values["due_at"] = datetime.fromisoformat(event["due_at"])
-    if event_type in MILESTONE:
-        referral_values[MILESTONE[event_type]] = at
-    if event_type == "referral_replied":
-        referral_values["replied_on_time"] = bool(event.get("on_time"))
-    if event_type == "case_closed" and latest:
-        values["closed_at"] = at
-    elif event_type == "case_reopened" and latest:
-        values["closed_at"] = None
-    return values, referrals, referral_values
+    return values, referrals
 
 
 def case_record(session, case_id: str) -> dict:

@@ -8,7 +8,7 @@ import pytest
 from kombu import Connection
 from nameko.exceptions import RemoteError
 
-from services.common.events import DEAD_QUEUE
+from services.common.events import DEAD_QUEUE, retry_queue_for
 from tests.conftest import take_messages, wait_for
 
 pytestmark = pytest.mark.interface
@@ -192,12 +192,12 @@ def test_in_a_message_of_several_events_only_the_poison_one_is_retried_and_parke
     assert referrals_seen_by_supervision(rpc, "LG-2026-000902") == []
 
 
-def test_a_step_on_a_referral_that_came_before_its_case_referred_is_applied_on_a_retry(
+def test_a_step_on_a_referral_that_came_before_its_case_referred_is_applied_when_that_comes(
     run_services, rpc, rabbit_config
 ):
     """Routing's events come in one queue per type: a referral_accepted may reach supervision
-    before the case_referred that made the referral. It is retried (after 1 s, 2 s …) and
-    applied once the referral is there; nothing is parked."""
+    before the case_referred that made the referral. It is recorded at once (the case starts from
+    it), not retried, and the case_referred applies it to the referral."""
     from kombu import Producer
 
     from services.common.topology import event_exchange
@@ -213,28 +213,29 @@ def test_a_step_on_a_referral_that_came_before_its_case_referred_is_applied_on_a
         "referral_id": f"{case_id}-R1",
         "department": "cgj",
     }
-    with Connection(rabbit_config["AMQP_URI"]) as connection:
-        producer = Producer(connection.channel())
-        for event in (accepted, referred):
-            producer.publish(
+
+    def publish(event):
+        with Connection(rabbit_config["AMQP_URI"]) as connection:
+            Producer(connection.channel()).publish(
                 [event],
                 exchange=event_exchange("routing"),
                 routing_key=event["event_type"],
                 serializer="json",
                 delivery_mode=2,
             )
-            if event is accepted:  # the step is refused first, not merely handled second
-                wait_for(lambda: retried(rabbit_config["AMQP_URI"]), timeout=10)
+
+    def timeline():
+        try:
+            return [step["event"] for step in rpc.supervision.get_case_record(case_id)["timeline"]]
+        except RemoteError:  # no case yet
+            return None
+
+    publish(accepted)
+    assert wait_for(timeline, timeout=10) == ["referral_accepted"]
+    assert referrals_seen_by_supervision(rpc, case_id) == []
+    publish(referred)
     wait_for(lambda: [r for r in referrals_seen_by_supervision(rpc, case_id) if r["status"] == "accepted"], timeout=15)
-    record = rpc.supervision.get_case_record(case_id)
-    assert [step["event"] for step in record["timeline"]] == ["case_referred", "referral_accepted"]
-    assert parked_messages(rabbit_config["AMQP_URI"], 0) == []
-
-
-def retried(amqp_uri: str) -> bool:
-    """Whether a referral_accepted waits in supervision's retry queue."""
-    from services.common.events import retry_queue_for
-
-    with Connection(amqp_uri) as connection:
+    assert timeline() == ["case_referred", "referral_accepted"]
+    with Connection(rabbit_config["AMQP_URI"]) as connection:
         queue = retry_queue_for("evt-routing-referral_accepted--supervision.on_routing_event")(connection.channel())
-        return queue.queue_declare(passive=True).message_count > 0
+        assert queue.queue_declare(passive=True).message_count == 0
