@@ -67,6 +67,7 @@ DETAIL_KEYS = (
     "due_at",
     "result",
     "on_time",
+    "case_replied",  # whether this reply was the case's (its status came of it)
     "round",
     "reopen_count",
     "source",

@@ -18,7 +18,7 @@ from services.supervision.models import case_projection, referral_projection, ti
 
 SETTINGS = {"cluster_window_days": 30, "cluster_similarity": 0.2}
 START = datetime(2026, 9, 1, 9, 0, tzinfo=CST)
-PERMUTATIONS = 12
+PERMUTATIONS = 16
 # Set by supervision's own clock or by where the case landed among the others, not by the events.
 NOT_FROM_THE_EVENTS = {"case_id", "referral_id", "changed_at", "cluster_key"}
 
@@ -99,9 +99,28 @@ def whole_process(case_id: str) -> list[dict]:
 
 def project_one_by_one(sessions, events: list[dict]) -> None:
     """Each event in its own transaction, in the order given."""
-    for event in events:
+    project_in_batches(sessions, [[event] for event in events])
+
+
+def project_in_batches(sessions, batches: list[list[dict]]) -> None:
+    for batch in batches:
         with sessions.begin() as session:
-            projection.record_events(session, [event], SETTINGS)
+            projection.record_events(session, batch, SETTINGS)
+
+
+def batches_with_redeliveries(rng: random.Random, events: list[dict]) -> list[list[dict]]:
+    """``events`` in runs of 1 to 6, as queues hand them to one projection run, with a few sent
+    again later (at least once delivery) or twice in one batch."""
+    events = list(events)
+    for _ in range(3):
+        again = dict(rng.choice(events))
+        events.insert(rng.randrange(len(events) + 1), again)
+    batches, position = [], 0
+    while position < len(events):
+        size = rng.randint(1, 6)
+        batches.append(events[position : position + size])
+        position += size
+    return batches
 
 
 def steps_before_their_referral(events: list[dict]) -> int:
@@ -188,7 +207,10 @@ def test_a_whole_process_projected_in_any_order_ends_as_in_order(sessions):
         case_id = f"LG-2026-{number:06d}"
         events = [whole_process(case_id)[i] for i in order]
         early += steps_before_their_referral(events)
-        project_one_by_one(sessions, events)
+        if number % 2:
+            project_in_batches(sessions, batches_with_redeliveries(rng, events))
+        else:
+            project_one_by_one(sessions, events)
         assert differences(projected(sessions, case_id), expected) == [], f"order {order}"
     assert early > 0  # the orders did bring steps before their referrals
 
@@ -204,7 +226,7 @@ def test_the_second_round_projected_before_the_reopening_counts_it_and_keeps_the
     assert (case["reopen_count"], len(referrals), case["status"], case["lead_department"]) == (1, 5, "referred", "jjdd")
     project_one_by_one(sessions, [events[reopened]])
     case, _, steps = projected(sessions, "LG-2026-000100")
-    assert (case["reopen_count"], case["status"], case["closed_at"], steps) == (1, "referred", None, reopened + 2)
+    assert (case["reopen_count"], case["status"], steps) == (1, "referred", reopened + 2)
 
 
 def test_a_step_before_its_referral_changes_the_case_at_once_and_the_referral_when_it_comes(sessions):

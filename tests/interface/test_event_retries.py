@@ -8,7 +8,7 @@ import pytest
 from kombu import Connection
 from nameko.exceptions import RemoteError
 
-from services.common.events import DEAD_QUEUE, retry_queue_for
+from services.common.events import DEAD_QUEUE
 from tests.conftest import take_messages, wait_for
 
 pytestmark = pytest.mark.interface
@@ -197,7 +197,7 @@ def test_a_step_on_a_referral_that_came_before_its_case_referred_is_applied_when
 ):
     """Routing's events come in one queue per type: a referral_accepted may reach supervision
     before the case_referred that made the referral. It is recorded at once (the case starts from
-    it), not retried, and the case_referred applies it to the referral."""
+    it: the timeline shows it before any referral), and the case_referred applies it."""
     from kombu import Producer
 
     from services.common.topology import event_exchange
@@ -236,6 +236,3 @@ def test_a_step_on_a_referral_that_came_before_its_case_referred_is_applied_when
     publish(referred)
     wait_for(lambda: [r for r in referrals_seen_by_supervision(rpc, case_id) if r["status"] == "accepted"], timeout=15)
     assert timeline() == ["case_referred", "referral_accepted"]
-    with Connection(rabbit_config["AMQP_URI"]) as connection:
-        queue = retry_queue_for("evt-routing-referral_accepted--supervision.on_routing_event")(connection.channel())
-        assert queue.queue_declare(passive=True).message_count == 0

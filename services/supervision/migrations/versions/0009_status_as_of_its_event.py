@@ -1,10 +1,18 @@
 """when the events that set each case's status, rating, lead department and category, and each
 referral's status and extension, occurred, so that an older event projected late changes none
-of them; and the steps on a referral that came before it, which its case_referred applies
+of them; and the steps on a referral that came before it, which its case_referred applies.
+
+What the projection wrote before may be wrong where events came out of order (a step on a
+referral not projected yet was dropped; a case_reopened projected after the round it opened set
+the status back): the upgrade replays each case's timeline, in the order the events occurred,
+and writes what differs.
 
 Revision ID: 0009
 Revises: 0008
 """
+
+import itertools
+from datetime import datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -17,13 +25,48 @@ branch_labels = None
 depends_on = None
 
 CASE_TIMES = ("status_at", "rated_at", "lead_at", "category_at")
-# Which events set each of them; a case's is the latest such event in its timeline.
-SET_BY = {
-    "status_at": ("case_referred", "case_needs_triage", "case_reopened", "case_closed", "referral_replied"),
-    "rated_at": ("feedback_received",),
-    "lead_at": ("case_referred",),
-    "category_at": ("case_referred", "case_needs_triage"),
+CASE_STATUS = {
+    "case_referred": "referred",
+    "case_needs_triage": "triage",
+    "case_reopened": "reopened",
+    "case_closed": "closed",
 }
+REFERRAL_STATUS = {"referral_accepted": "accepted", "referral_returned": "returned", "referral_replied": "replied"}
+MILESTONE = {"referral_accepted": "accepted_at", "referral_returned": "returned_at", "referral_replied": "replied_at"}
+EXTENSION = {"extension_requested": "requested", "extension_granted": "granted", "extension_refused": "refused"}
+STEPS = (*REFERRAL_STATUS, *EXTENSION)
+ROWS_PER_FETCH = 5000
+
+cases = sa.table(
+    "supervision_cases",
+    sa.column("case_id"),
+    sa.column("status"),
+    sa.column("last_rating"),
+    sa.column("closed_at", UTCDateTime),
+    *[sa.column(name, UTCDateTime) for name in CASE_TIMES],
+    sa.column("early_steps", sa.Integer),
+    sa.column("nearest_due", UTCDateTime),
+)
+referrals = sa.table(
+    "supervision_referrals",
+    sa.column("referral_id"),
+    sa.column("case_id"),
+    sa.column("status"),
+    sa.column("extension"),
+    sa.column("due_at", UTCDateTime),
+    *[sa.column(name, UTCDateTime) for name in ("accepted_at", "returned_at", "replied_at")],
+    sa.column("replied_on_time", sa.Boolean),
+    sa.column("status_at", UTCDateTime),
+    sa.column("extension_at", UTCDateTime),
+)
+timeline = sa.table(
+    "supervision_timeline",
+    sa.column("id"),
+    sa.column("case_id"),
+    sa.column("event_type"),
+    sa.column("at", UTCDateTime),
+    sa.column("details", sa.JSON),
+)
 
 
 def upgrade() -> None:
@@ -34,16 +77,194 @@ def upgrade() -> None:
     with op.batch_alter_table("supervision_referrals", schema=None) as batch_op:
         batch_op.add_column(sa.Column("status_at", UTCDateTime, nullable=True))
         batch_op.add_column(sa.Column("extension_at", UTCDateTime, nullable=True))
-    for name, event_types in SET_BY.items():
-        types = ", ".join(f"'{t}'" for t in event_types)
-        op.execute(
-            f"UPDATE supervision_cases SET {name} = (SELECT max(t.at) FROM supervision_timeline t"
-            f" WHERE t.case_id = supervision_cases.case_id AND t.event_type IN ({types}))"
+    _times_from_the_timelines()
+    _replay_the_timelines()
+
+
+def _latest(event_types, *also) -> sa.ScalarSelect:
+    """The time of a case's latest event of ``event_types`` (and ``also``'s conditions)."""
+    t = timeline.alias("t")
+    return (
+        sa.select(sa.func.max(t.c.at))
+        .where(t.c.case_id == cases.c.case_id, t.c.event_type.in_(event_types), *[a(t) for a in also])
+        .scalar_subquery()
+    )
+
+
+def _times_from_the_timelines() -> None:
+    """Every row's times, set-wise (the timeline's index by case makes each a short walk). Whether
+    a referral_replied set its case's status the timeline does not say: it counts only for a case
+    whose status is 'replied'."""
+    status_events = list(CASE_STATUS)
+    op.execute(sa.update(cases).where(cases.c.status != "replied").values(status_at=_latest(status_events)))
+    op.execute(
+        sa.update(cases)
+        .where(cases.c.status == "replied")
+        .values(status_at=_latest([*status_events, "referral_replied"]))
+    )
+    op.execute(sa.update(cases).values(rated_at=_latest(["feedback_received"])))
+    op.execute(sa.update(cases).values(lead_at=_latest(["case_referred"])))
+    op.execute(sa.update(cases).values(category_at=_latest(["case_referred", "case_needs_triage"])))
+    for column, kinds in (("status_at", REFERRAL_STATUS), ("extension_at", EXTENSION)):
+        t = timeline.alias("t")
+        latest_step = (
+            sa.select(sa.func.max(t.c.at))
+            .where(
+                t.c.case_id == referrals.c.case_id,
+                t.c.event_type.in_(list(kinds)),
+                t.c.details["referral_id"].as_string() == referrals.c.referral_id,
+            )
+            .scalar_subquery()
         )
-    # A referral's last event (updated_at) is at least as late as the one that set its status or
-    # extension: nothing older changes them any more.
-    op.execute("UPDATE supervision_referrals SET status_at = updated_at WHERE status <> 'referred'")
-    op.execute("UPDATE supervision_referrals SET extension_at = updated_at WHERE extension IS NOT NULL")
+        op.execute(sa.update(referrals).values({column: latest_step}))
+
+
+def _replay_the_timelines() -> None:
+    """Each case, its referrals and its timeline, read as three streams in case order (one pass,
+    one case in memory at a time): where the projection lost a step or let an older event win,
+    the replay differs from the row, and that is written. Few rows, so they are kept until the
+    streams end."""
+    connection = op.get_bind()
+    # One order for the three streams, and Python's: bytewise (a locale's collation may differ)
+    by_case = (lambda c: sa.collate(c, "C")) if connection.dialect.name == "postgresql" else (lambda c: c)
+
+    def stream(query):
+        return connection.execute(query.execution_options(stream_results=True, yield_per=ROWS_PER_FETCH))
+
+    case_rows = stream(sa.select(cases).order_by(by_case(cases.c.case_id)))
+    referral_rows = _ByCase(
+        stream(sa.select(referrals).order_by(by_case(referrals.c.case_id), referrals.c.referral_id))
+    )
+    steps = _ByCase(
+        stream(
+            sa.select(timeline.c.case_id, timeline.c.event_type, timeline.c.at, timeline.c.details)
+            .where(timeline.c.event_type.in_([*CASE_STATUS, *STEPS, "feedback_received"]))
+            .order_by(by_case(timeline.c.case_id), timeline.c.at, timeline.c.id)
+        )
+    )
+    case_changes, referral_changes = [], []
+    for case in case_rows:
+        its_referrals = {r.referral_id: r for r in referral_rows.take(case.case_id)}
+        its_steps = steps.take(case.case_id)
+        case_changes += _changed("case_id", case, _case_replayed(case, its_steps, its_referrals))
+        for referral_id, referral in its_referrals.items():
+            named = [s for s in its_steps if (s.details or {}).get("referral_id") == referral_id]
+            referral_changes += _changed("referral_id", referral, _referral_replayed(referral, named))
+    for table, key, changes in (
+        (cases, cases.c.case_id, case_changes),
+        (referrals, referrals.c.referral_id, referral_changes),
+    ):
+        for column_set, rows in itertools.groupby(sorted(changes, key=_columns), key=_columns):
+            statement = (
+                sa.update(table)
+                .where(key == sa.bindparam("b_key"))
+                .values({column: sa.bindparam(f"b_{column}", type_=table.c[column].type) for column in column_set})
+            )
+            rows = list(rows)
+            for start in range(0, len(rows), ROWS_PER_FETCH):
+                connection.execute(statement, rows[start : start + ROWS_PER_FETCH])
+    changed_cases = sorted({row["b_key"] for row in case_changes} | _cases_of(referral_changes, connection))
+    nearest_due = (
+        sa.select(sa.func.min(referrals.c.due_at))
+        .where(referrals.c.case_id == cases.c.case_id, referrals.c.status.in_(("referred", "accepted")))
+        .scalar_subquery()
+    )
+    for start in range(0, len(changed_cases), 1000):
+        connection.execute(
+            sa.update(cases)
+            .where(cases.c.case_id.in_(changed_cases[start : start + 1000]))
+            .values(nearest_due=nearest_due)
+        )
+
+
+class _ByCase:
+    """Rows ordered by case_id, taken case by case as the cases' stream goes by."""
+
+    def __init__(self, rows):
+        self._groups = itertools.groupby(rows, key=lambda row: row.case_id)
+        self._next = next(self._groups, None)
+
+    def take(self, case_id: str) -> list:
+        while self._next is not None and self._next[0] < case_id:  # rows of cases that are gone
+            self._next = next(self._groups, None)
+        if self._next is None or self._next[0] != case_id:
+            return []
+        rows = list(self._next[1])
+        self._next = next(self._groups, None)
+        return rows
+
+
+def _case_replayed(case, steps: list, referrals: dict) -> dict:
+    """The case's status, its times and its count of steps on no referral, as the projection now
+    keeps them. Whether a referral_replied set the case's status the timeline does not say: after
+    the latest status event, any reply leaves the status as it is."""
+    values = {}
+    statuses = [s for s in steps if s.event_type in CASE_STATUS]
+    replies = [s for s in steps if s.event_type == "referral_replied"]
+    if statuses:
+        latest = statuses[-1]
+        replied_since = [s for s in replies if s.at > latest.at]
+        if not replied_since:
+            values.update(status=CASE_STATUS[latest.event_type], status_at=latest.at)
+        else:
+            values["status_at"] = replied_since[-1].at if case.status == "replied" else latest.at
+        closings = [s for s in statuses if s.event_type == "case_closed"]
+        closed = values.get("status", case.status) == "closed" and closings
+        values["closed_at"] = closings[-1].at if closed else None
+    ratings = [s for s in steps if s.event_type == "feedback_received"]
+    if ratings:
+        values.update(rated_at=ratings[-1].at, last_rating=(ratings[-1].details or {}).get("rating", case.last_rating))
+    referred = [s for s in steps if s.event_type == "case_referred"]
+    if referred:
+        values["lead_at"] = referred[-1].at
+    categorized = [s for s in steps if s.event_type in ("case_referred", "case_needs_triage")]
+    if categorized:
+        values["category_at"] = categorized[-1].at
+    values["early_steps"] = sum(
+        1 for s in steps if s.event_type in STEPS and (s.details or {}).get("referral_id") not in referrals
+    )
+    return values
+
+
+def _referral_replayed(referral, steps: list) -> dict:
+    """The referral's status, extension, due date and milestones from its steps (the last of each
+    kind wins, as in 0006; a granted extension only moves the date later)."""
+    values = {}
+    for step in steps:
+        details = step.details or {}
+        if step.event_type in REFERRAL_STATUS:
+            values.update(status=REFERRAL_STATUS[step.event_type], status_at=step.at)
+            values[MILESTONE[step.event_type]] = step.at
+        if step.event_type in EXTENSION:
+            values.update(extension=EXTENSION[step.event_type], extension_at=step.at)
+        if step.event_type == "extension_granted" and details.get("due_at"):
+            granted = datetime.fromisoformat(details["due_at"])
+            values["due_at"] = max(granted, values.get("due_at", referral.due_at))
+        if step.event_type == "referral_replied" and "on_time" in details:
+            values["replied_on_time"] = bool(details["on_time"])
+    return values
+
+
+def _changed(key: str, row, values: dict) -> list[dict]:
+    """``values`` that differ from ``row``'s, as the parameters of one update (none if none)."""
+    different = {k: v for k, v in values.items() if getattr(row, k) != v}
+    return [{"b_key": getattr(row, key), **{f"b_{k}": v for k, v in different.items()}}] if different else []
+
+
+def _columns(change: dict) -> tuple:
+    return tuple(sorted(k[2:] for k in change if k != "b_key"))
+
+
+def _cases_of(referral_changes: list[dict], connection) -> set:
+    ids = sorted({row["b_key"] for row in referral_changes})
+    found = set()
+    for start in range(0, len(ids), 1000):
+        found.update(
+            connection.scalars(
+                sa.select(referrals.c.case_id).where(referrals.c.referral_id.in_(ids[start : start + 1000]))
+            )
+        )
+    return found
 
 
 def downgrade() -> None:
