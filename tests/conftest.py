@@ -319,6 +319,14 @@ class Receiver:
         self.thread.kill()
 
 
+def _accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 class SmtpServer:
     """A real SMTP server (aiosmtpd) in its own process, delivering into a maildir."""
 
@@ -330,7 +338,8 @@ class SmtpServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for(lambda: box.exists(), timeout=10)
+        # aiosmtpd makes the maildir before it listens: ready once a connection is taken
+        wait_for(lambda: box.exists() and _accepts_connections(self.port), timeout=10)
 
     def messages(self) -> list:
         return list(mailbox.Maildir(str(self.box), create=False))

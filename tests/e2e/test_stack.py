@@ -88,6 +88,19 @@ def test_up_load_submit_show_status_down(stack_env):
 
     wait_for(last_case_referred, timeout=30, interval=1)
 
+    def agenda_escalated_and_every_case_seen():
+        """The agenda as it stands once each of its items' escalation was published and supervision
+        has intake's event of all 59 cases: more items come after the first as the background
+        evaluation reaches more of the similar cases, and each event is published after its commit
+        (routing's event of case 59 is often projected before intake's, which gathers)."""
+        now_listed = json.loads(huiying(stack_env, "agenda", "list", "--json").stdout)
+        samples = scrape(stack_env, "supervision")
+        published = value(samples, "huiying_events_published_total", event_type="case_escalated")
+        seen = value(samples, "huiying_event_lag_seconds_count", event_type="case_received")
+        return published == len(now_listed) >= 1 and seen == 59 and now_listed
+
+    agenda = wait_for(agenda_escalated_and_every_case_seen, timeout=30, interval=1)
+
     status = json.loads(huiying(stack_env, "status", "--json").stdout)
     assert all(s["healthy"] for s in status["services"].values())
     assert all(s["ready"] for s in status["services"].values()), status["services"]

@@ -214,10 +214,13 @@ class Stack:
         }
         return not busy and self.pending_outbox() == 0 and (not deliveries_sent or self.unsent_deliveries() == 0)
 
-    def wait_settled(self, timeout: float = 180, quiet_for: float = 3.0, deliveries_sent: bool = False):
+    def wait_settled(self, timeout: float = 180, quiet_for: float = 6.0, deliveries_sent: bool = False):
         """Until every work queue is empty and every outbox published, for ``quiet_for`` seconds
         (exact ready counts from passive declares; the management API adds unacked ones); with
-        ``deliveries_sent``, also every notification sent or given up."""
+        ``deliveries_sent``, also every notification sent or given up. Quiet for longer than
+        supervision's evaluation after events may wait to run (three times its previous run, which
+        can reach a second under load: batching.InBackground) and the management API's statistics
+        lag (5 s), or decisions may still come after."""
         deadline, quiet_since = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             if self.settled(deliveries_sent):

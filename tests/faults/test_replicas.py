@@ -15,6 +15,7 @@ from services.common.timeutil import now
 from services.notify import deliveries
 from services.supervision import evaluation, projection
 from services.supervision import rules as supervision_rules
+from tests.conftest import wait_for
 from tests.faults.conftest import LONG
 from tests.faults.harness import (
     SERVICES,
@@ -94,7 +95,12 @@ def test_replicas_compete_share_the_sweep_and_survive_a_kill_mid_sweep(make_stac
     for service in SERVICES:
         stack.start_replica(service, 2)
     stack.cli("up")  # waits until the first four are healthy; the replicas start alongside
-    time.sleep(5)
+    competing = (
+        "huiying.intake.tickets",
+        "evt-intake-case_received--routing.on_case_received",
+        "huiying.notify.deliveries",
+    )
+    wait_for(lambda: all(stack.consumers().get(queue) == 2 for queue in competing), timeout=60, interval=0.5)
 
     # 1. Competing consumers: both replicas of each service consume the same queues.
     sender = Sender(stack, stack.keys["hotline"])
@@ -119,7 +125,10 @@ def test_replicas_compete_share_the_sweep_and_survive_a_kill_mid_sweep(make_stac
         swept = stack.scalar("SELECT count(*) FROM supervision_sweep_shards WHERE swept_at IS NOT NULL")
         if holders and swept >= 2:
             pid = int(holders[0][0].split(":")[1])
-            if pid in replica_pids:
+            # one that has swept a shard already, so that both replicas are seen to have swept
+            if pid in replica_pids and stack.scalar(
+                "SELECT count(*) FROM supervision_sweep_shards WHERE swept_by LIKE :me", me=f"%:{pid}"
+            ):
                 victim = pid
         time.sleep(0.01)
     assert victim, "no replica was seen holding a shard"

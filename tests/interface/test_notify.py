@@ -107,7 +107,7 @@ def test_the_citizen_hears_of_the_reply_and_the_closure_by_sms_and_the_source_of
     rpc.routing.record_feedback(case_id, "满意")
     wait_for(lambda: len(receiver.at("/sms")) == 2 and len(receiver.at("/callback")) == 3, timeout=20)
     statuses = [json.loads(r["body"])["status"] for r in receiver.at("/callback")]
-    assert statuses == ["open", "open", "closed"]
+    assert sorted(statuses) == ["closed", "open", "open"]  # one batch's callbacks may overtake another's
     log = rpc.notify.deliveries_for(case_id)
     assert all(d["address"] == "139****5678" for d in log if d["channel"] == "sms")
 
@@ -137,9 +137,14 @@ def test_a_send_that_keeps_failing_is_parked_and_replayed(env, rabbit_config):
     wait_for(lambda: len([d for d in rpc.notify.failures() if d["case_id"] == case_id]) == 4, timeout=40)
     failed = [d for d in rpc.notify.failures() if d["case_id"] == case_id]
     assert all(d["attempts"] == 3 and "HTTP 503" in d["last_error"] for d in failed)
-    with Connection(rabbit_config["AMQP_URI"]) as connection:
-        _, parked, _ = connection.default_channel.queue_declare("huiying.notify.deliveries.dead", passive=True)
-    assert parked >= 4
+
+    def parked():
+        with Connection(rabbit_config["AMQP_URI"]) as connection:
+            return connection.default_channel.queue_declare("huiying.notify.deliveries.dead", passive=True)[1]
+
+    # notify parks a delivery after committing its failure: under CI's load the fourth was
+    # committed, so listed, before it was parked
+    wait_for(lambda: parked() >= 4, timeout=10)
     receiver.fail = 0
     assert len(rpc.notify.retry(None)["retried"]) >= 4
     wait_for(lambda: all(d["status"] == "sent" for d in rpc.notify.deliveries_for(case_id)), timeout=20)

@@ -81,49 +81,46 @@ def upgrade() -> None:
     _replay_the_timelines()
 
 
-def _latest(event_types, *also) -> sa.ScalarSelect:
-    """The time of a case's latest event of ``event_types`` (and ``also``'s conditions)."""
-    t = timeline.alias("t")
-    return (
-        sa.select(sa.func.max(t.c.at))
-        .where(t.c.case_id == cases.c.case_id, t.c.event_type.in_(event_types), *[a(t) for a in also])
-        .scalar_subquery()
-    )
+def _latest(event_types, owner=None) -> sa.ScalarSelect:
+    """The time of a case's latest event of ``event_types``; with ``owner`` (a referral), of its
+    latest such step."""
+    t = timeline.alias()
+    if owner is None:
+        condition = t.c.case_id == cases.c.case_id
+    else:
+        condition = (t.c.case_id == owner.c.case_id) & (t.c.details["referral_id"].as_string() == owner.c.referral_id)
+    return sa.select(sa.func.max(t.c.at)).where(condition, t.c.event_type.in_(list(event_types))).scalar_subquery()
 
 
 def _times_from_the_timelines() -> None:
-    """Every row's times, set-wise (the timeline's index by case makes each a short walk). Whether
-    a referral_replied set its case's status the timeline does not say: it counts only for a case
-    whose status is 'replied'."""
-    status_events = list(CASE_STATUS)
-    op.execute(sa.update(cases).where(cases.c.status != "replied").values(status_at=_latest(status_events)))
+    """Every row's times, set-wise: one UPDATE a table, so each row is written once (the
+    timeline's index by case makes each subquery a short walk). Whether a referral_replied set
+    its case's status the timeline does not say: it counts only for a case whose status is
+    'replied'."""
     op.execute(
-        sa.update(cases)
-        .where(cases.c.status == "replied")
-        .values(status_at=_latest([*status_events, "referral_replied"]))
-    )
-    op.execute(sa.update(cases).values(rated_at=_latest(["feedback_received"])))
-    op.execute(sa.update(cases).values(lead_at=_latest(["case_referred"])))
-    op.execute(sa.update(cases).values(category_at=_latest(["case_referred", "case_needs_triage"])))
-    for column, kinds in (("status_at", REFERRAL_STATUS), ("extension_at", EXTENSION)):
-        t = timeline.alias("t")
-        latest_step = (
-            sa.select(sa.func.max(t.c.at))
-            .where(
-                t.c.case_id == referrals.c.case_id,
-                t.c.event_type.in_(list(kinds)),
-                t.c.details["referral_id"].as_string() == referrals.c.referral_id,
-            )
-            .scalar_subquery()
+        sa.update(cases).values(
+            status_at=sa.case(
+                (cases.c.status == "replied", _latest([*CASE_STATUS, "referral_replied"])),
+                else_=_latest(CASE_STATUS),
+            ),
+            rated_at=_latest(["feedback_received"]),
+            lead_at=_latest(["case_referred"]),
+            category_at=_latest(["case_referred", "case_needs_triage"]),
         )
-        op.execute(sa.update(referrals).values({column: latest_step}))
+    )
+    op.execute(
+        sa.update(referrals).values(
+            status_at=_latest(REFERRAL_STATUS, referrals), extension_at=_latest(EXTENSION, referrals)
+        )
+    )
 
 
 def _replay_the_timelines() -> None:
     """Each case, its referrals and its timeline, read as three streams in case order (one pass,
     one case in memory at a time): where the projection lost a step or let an older event win,
-    the replay differs from the row, and that is written. Few rows, so they are kept until the
-    streams end."""
+    the replay differs from the row, and that is written — on PostgreSQL every few thousand
+    changes, beside the streams' server-side cursors; on SQLite (small installations) once they
+    have ended, since it leaves a write under an open read undefined."""
     connection = op.get_bind()
     # One order for the three streams, and Python's: bytewise (a locale's collation may differ)
     by_case = (lambda c: sa.collate(c, "C")) if connection.dialect.name == "postgresql" else (lambda c: c)
@@ -142,14 +139,27 @@ def _replay_the_timelines() -> None:
             .order_by(by_case(timeline.c.case_id), timeline.c.at, timeline.c.id)
         )
     )
-    case_changes, referral_changes = [], []
+    write_as_we_go = connection.dialect.name == "postgresql"
+    case_changes, referral_changes, changed_cases = [], [], set()
     for case in case_rows:
         its_referrals = {r.referral_id: r for r in referral_rows.take(case.case_id)}
         its_steps = steps.take(case.case_id)
         case_changes += _changed("case_id", case, _case_replayed(case, its_steps, its_referrals))
         for referral_id, referral in its_referrals.items():
             named = [s for s in its_steps if (s.details or {}).get("referral_id") == referral_id]
-            referral_changes += _changed("referral_id", referral, _referral_replayed(referral, named))
+            changed = _changed("referral_id", referral, _referral_replayed(referral, named))
+            referral_changes += changed
+            if changed:
+                changed_cases.add(case.case_id)
+        if write_as_we_go and len(case_changes) + len(referral_changes) >= ROWS_PER_FETCH:
+            changed_cases |= _write(connection, case_changes, referral_changes)
+    changed_cases |= _write(connection, case_changes, referral_changes)
+    _nearest_due_again(connection, sorted(changed_cases))
+
+
+def _write(connection, case_changes: list, referral_changes: list) -> set:
+    """Write the changes (and empty the lists): one executemany per table and set of columns.
+    Returns the cases changed."""
     for table, key, changes in (
         (cases, cases.c.case_id, case_changes),
         (referrals, referrals.c.referral_id, referral_changes),
@@ -160,10 +170,14 @@ def _replay_the_timelines() -> None:
                 .where(key == sa.bindparam("b_key"))
                 .values({column: sa.bindparam(f"b_{column}", type_=table.c[column].type) for column in column_set})
             )
-            rows = list(rows)
-            for start in range(0, len(rows), ROWS_PER_FETCH):
-                connection.execute(statement, rows[start : start + ROWS_PER_FETCH])
-    changed_cases = sorted({row["b_key"] for row in case_changes} | _cases_of(referral_changes, connection))
+            connection.execute(statement, list(rows))
+    written = {row["b_key"] for row in case_changes}
+    case_changes.clear()
+    referral_changes.clear()
+    return written
+
+
+def _nearest_due_again(connection, changed_cases: list) -> None:
     nearest_due = (
         sa.select(sa.func.min(referrals.c.due_at))
         .where(referrals.c.case_id == cases.c.case_id, referrals.c.status.in_(("referred", "accepted")))
@@ -253,18 +267,6 @@ def _changed(key: str, row, values: dict) -> list[dict]:
 
 def _columns(change: dict) -> tuple:
     return tuple(sorted(k[2:] for k in change if k != "b_key"))
-
-
-def _cases_of(referral_changes: list[dict], connection) -> set:
-    ids = sorted({row["b_key"] for row in referral_changes})
-    found = set()
-    for start in range(0, len(ids), 1000):
-        found.update(
-            connection.scalars(
-                sa.select(referrals.c.case_id).where(referrals.c.referral_id.in_(ids[start : start + 1000]))
-            )
-        )
-    return found
 
 
 def downgrade() -> None:
