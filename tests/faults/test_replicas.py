@@ -125,9 +125,10 @@ def test_replicas_compete_share_the_sweep_and_survive_a_kill_mid_sweep(make_stac
         swept = stack.scalar("SELECT count(*) FROM supervision_sweep_shards WHERE swept_at IS NOT NULL")
         if holders and swept >= 2:
             pid = int(holders[0][0].split(":")[1])
-            # one that has swept a shard already, so that both replicas are seen to have swept
+            # one that has swept a shard already (swept_by is host:pid:nonce), so that both
+            # replicas are seen to have swept
             if pid in replica_pids and stack.scalar(
-                "SELECT count(*) FROM supervision_sweep_shards WHERE swept_by LIKE :me", me=f"%:{pid}"
+                "SELECT count(*) FROM supervision_sweep_shards WHERE swept_by LIKE :me", me=f"%:{pid}:%"
             ):
                 victim = pid
         time.sleep(0.01)
