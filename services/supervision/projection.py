@@ -613,16 +613,16 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
     for event in fresh:
         case_id, at = event["case_id"], _at(event)
         case = cases[case_id]
-        values, referrals = _projected(event, case, at)
-        if referrals and "lead_at" not in values:
+        if event["event_type"] == "case_referred" and case["lead_at"] is not None and at < case["lead_at"]:
             out_of_order.add(case_id)
+        values, referrals = _projected(event, case, at)
         if event["event_type"] in STEPS:
             if event["referral_id"] in as_of:
                 _change_referral(as_of, referral_changes, event, at)
                 applied.add(event["event_id"])
+                due_changed.add(case_id)
             else:  # it overtook the case_referred that makes its referral, which will apply it
                 values["early_steps"] = case["early_steps"] + 1
-            due_changed.add(case_id)
         case.update(values)
         changed_columns[case_id] |= values.keys()
         new_referrals += referrals

@@ -209,31 +209,22 @@ class _ByCase:
 
 
 def _case_replayed(case, steps: list, referrals: dict) -> dict:
-    """The case's status, its times and its count of steps on no referral, as the projection now
-    keeps them. Whether a referral_replied set the case's status the timeline does not say: after
-    the latest status event, any reply leaves the status as it is."""
+    """The case's status (with its closing time), its last rating and its count of steps on no
+    referral, as the projection now keeps them; the times are set already
+    (``_times_from_the_timelines``). Whether a referral_replied set the case's status the timeline
+    does not say: after the latest status event, any reply leaves the status as it is."""
     values = {}
     statuses = [s for s in steps if s.event_type in CASE_STATUS]
-    replies = [s for s in steps if s.event_type == "referral_replied"]
     if statuses:
         latest = statuses[-1]
-        replied_since = [s for s in replies if s.at > latest.at]
-        if not replied_since:
-            values.update(status=CASE_STATUS[latest.event_type], status_at=latest.at)
-        else:
-            values["status_at"] = replied_since[-1].at if case.status == "replied" else latest.at
+        if not any(s.event_type == "referral_replied" and s.at > latest.at for s in steps):
+            values["status"] = CASE_STATUS[latest.event_type]
         closings = [s for s in statuses if s.event_type == "case_closed"]
         closed = values.get("status", case.status) == "closed" and closings
         values["closed_at"] = closings[-1].at if closed else None
     ratings = [s for s in steps if s.event_type == "feedback_received"]
     if ratings:
-        values.update(rated_at=ratings[-1].at, last_rating=(ratings[-1].details or {}).get("rating", case.last_rating))
-    referred = [s for s in steps if s.event_type == "case_referred"]
-    if referred:
-        values["lead_at"] = referred[-1].at
-    categorized = [s for s in steps if s.event_type in ("case_referred", "case_needs_triage")]
-    if categorized:
-        values["category_at"] = categorized[-1].at
+        values["last_rating"] = (ratings[-1].details or {}).get("rating", case.last_rating)
     values["early_steps"] = sum(
         1 for s in steps if s.event_type in STEPS and (s.details or {}).get("referral_id") not in referrals
     )
@@ -242,15 +233,16 @@ def _case_replayed(case, steps: list, referrals: dict) -> dict:
 
 def _referral_replayed(referral, steps: list) -> dict:
     """The referral's status, extension, due date and milestones from its steps (the last of each
-    kind wins, as in 0006; a granted extension only moves the date later)."""
+    kind wins, as in 0006; a granted extension only moves the date later); the times are set
+    already."""
     values = {}
     for step in steps:
         details = step.details or {}
         if step.event_type in REFERRAL_STATUS:
-            values.update(status=REFERRAL_STATUS[step.event_type], status_at=step.at)
+            values["status"] = REFERRAL_STATUS[step.event_type]
             values[MILESTONE[step.event_type]] = step.at
         if step.event_type in EXTENSION:
-            values.update(extension=EXTENSION[step.event_type], extension_at=step.at)
+            values["extension"] = EXTENSION[step.event_type]
         if step.event_type == "extension_granted" and details.get("due_at"):
             granted = datetime.fromisoformat(details["due_at"])
             values["due_at"] = max(granted, values.get("due_at", referral.due_at))
