@@ -14,7 +14,7 @@ from services.common.http import Conflict, NotFound, ValidationFailed
 from services.common.outbox import add_event, add_events
 from services.common.timeutil import CST, iso
 from services.common.upsert import insert_ignoring_duplicates, insert_many_ignoring_duplicates
-from services.supervision.evaluation import Decision
+from services.supervision.evaluation import Decision, name_whole_clusters
 from services.supervision.models import agenda, agenda_cases, case_projection, counters, decisions, outbox
 
 AGENDA_KIND = {
@@ -40,6 +40,7 @@ def apply(session, to_apply: list[Decision], now, growth_among=None) -> list[Dec
     all the clusters of a rule (``_grow_cluster_items``)."""
     known = _already_taken(session, to_apply)
     fresh = [d for d in to_apply if d.key not in known]
+    name_whole_clusters(session, fresh)
     linked = _cluster_items(
         session, [c for d in fresh if d.scope == "cluster" and d.action in AGENDA_KIND for c in d.case_ids]
     )

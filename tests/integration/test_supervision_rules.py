@@ -6,7 +6,7 @@ import uuid
 from datetime import date, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import sessionmaker
 
 from services.common.rules.provider import with_calendar
@@ -235,6 +235,20 @@ def test_five_similar_cases_become_one_agenda_item_and_ten_a_special_inspection(
     with world.sessionmaker() as session:
         linked = session.execute(select(agenda.c.kind, func.count()).join(agenda_cases).group_by(agenda.c.kind)).all()
     assert dict(linked) == {"agenda": 10, "special_inspection": 10}  # the agenda item grew with its cluster
+
+
+def test_after_events_a_new_cluster_decision_names_every_unresolved_case_of_the_cluster(world):
+    # Evaluating given cases reads only them; a cluster decision taken for the first time still
+    # names the whole cluster (evaluation.name_whole_clusters), and a closed case stays out.
+    for i, title in enumerate(HAIJIXING[:6]):
+        world.case(f"H-{i}", title=title, category="traffic", street="pinghu", due="2026-12-31T23:59:59+08:00")
+    with world.sessionmaker.begin() as session:
+        session.execute(update(case_projection).where(case_projection.c.case_id == "H-2").values(status="closed"))
+    assert world.sweep("2026-09-30T09:00:00", case_ids=["H-5"], growth_among={"H-5"}) == [
+        ("similar-cases-5", "add_to_agenda", ("H-0", "H-1", "H-3", "H-4", "H-5"))
+    ]
+    [item] = world.events("case_escalated")
+    assert item["case_ids"] == ["H-0", "H-1", "H-3", "H-4", "H-5"]
 
 
 def test_after_events_a_cluster_item_gains_the_cases_evaluated_and_the_sweep_the_rest(world):
