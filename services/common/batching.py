@@ -115,7 +115,7 @@ class Batching:
     def setup(self):
         super().setup()
         # HUIYING_BATCH_GATHER_MS: under a sustained load, waiting a moment for more makes fewer,
-        # larger batches — fewer transactions and messages per case (bench/e2e.py, README).
+        # larger batches — fewer transactions and messages per case (bench/e2e.py, bench/README.md).
         self._gather_seconds = self.container.config.get("BATCH_GATHER_SECONDS", 0)
         self._waiting = []  # (item, message): received, not yet given to a worker
         self._alone = []  # items of a failed batch, each to be tried in a worker of its own
@@ -365,7 +365,7 @@ class GiveWay:
     of cases (10–20 ms) before the run goes on, and a run waits on the database several times. In
     bench/e2e.py at 200 cases/s, a sweep of 6,382 cases in the window went with a supervision hop
     p99 of 921 ms against a p50 of 46 ms; twelve runs with and without this did not yet show a
-    gain above the machine's noise (README, Benchmarks). Background work is never held up for
+    gain above the machine's noise (bench/README.md). Background work is never held up for
     longer than ``at_most`` per pause, so a sweep under a steady load still ends."""
 
     def __init__(self, at_most: float = 0.05, poll: float = 0.002, clock=time.monotonic):

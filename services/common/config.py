@@ -96,7 +96,7 @@ def batch_gather_seconds() -> float:
     """``HUIYING_BATCH_GATHER_MS`` (0: off): how long, at most, a queue's batch waits for more
     messages before a worker takes it (never longer than the previous batch took: batching.py).
     Under a sustained load of 100 cases/s or more the batches are then larger, so each case costs
-    fewer transactions and messages (README, Benchmarks)."""
+    fewer transactions and messages (bench/README.md)."""
     raw = os.environ.get("HUIYING_BATCH_GATHER_MS", "").strip() or "0"
     try:
         milliseconds = float(raw)

@@ -165,7 +165,7 @@ class SupervisionService(ServiceBase):
     # on its own (projection.py), which intake's event completes. So its queue gathers for a
     # while: runs of many cases each, placed in clusters together. (Runs of at most 20 of them,
     # so that routing's events waited less for a run of intake's, cost more CPU for the same p99:
-    # bench/e2e.py, README.)
+    # bench/e2e.py, bench/README.md.)
     @event_batch_handler("intake", "case_received", gather_seconds=GATHER_OFF_THE_CASES_WAY)
     def on_case_received(self, events: list):
         self._project(events)
@@ -190,7 +190,7 @@ class SupervisionService(ServiceBase):
         what the other queues' workers handed over meanwhile, in one transaction (Coalesced).
         As separate transactions, intake's events and routing's waited for each other's locks on
         the cases and their shards (bench/e2e.py's stages; tried again on 1 Dec with intake's
-        events gathered: routing's runs took 55 ms instead of 20-25, README)."""
+        events gathered: routing's runs took 55 ms instead of 20-25, bench/README.md)."""
         projecting = self.state.setdefault("projecting", Coalesced("projection"))
         try:
             projecting(events, self._project_together)
