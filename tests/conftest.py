@@ -319,7 +319,8 @@ class Receiver:
         self.thread.kill()
 
 
-def _accepts_connections(port: int) -> bool:
+def accepts_connections(port: int) -> bool:
+    """Whether something on this machine takes a TCP connection on ``port`` now."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return True
@@ -339,7 +340,7 @@ class SmtpServer:
             stderr=subprocess.DEVNULL,
         )
         # aiosmtpd makes the maildir before it listens: ready once a connection is taken
-        wait_for(lambda: box.exists() and _accepts_connections(self.port), timeout=10)
+        wait_for(lambda: box.exists() and accepts_connections(self.port), timeout=10)
 
     def messages(self) -> list:
         return list(mailbox.Maildir(str(self.box), create=False))

@@ -12,7 +12,6 @@ import smtplib
 import socket
 import subprocess
 import sys
-import time
 from email.header import Header, decode_header, make_header
 from email.mime.text import MIMEText
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ import pytest
 
 from huiying.mail_sink import SmtpSink
 from services.notify import channels
+from tests.conftest import accepts_connections, wait_for
 
 SENDER = "回应 <huiying@district.example>"
 
@@ -100,14 +100,7 @@ def test_a_connection_the_server_dropped_while_idle_is_replaced_and_nothing_is_l
     port = server.config["SMTP_PORT"]
     options = ["--record", str(server.record)] + (["--plain"] if server.kind == "plain" else [])
     server.process = subprocess.Popen([sys.executable, "-m", "huiying.mail_sink", str(port), *options])
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the mail sink did not come back"
-            time.sleep(0.05)
+    wait_for(lambda: accepts_connections(port), timeout=10)  # the mail sink is back
     assert send_all(server, [delivery(2), delivery(3)], connections) == [None, None]
     assert [g["recipients"][0] for g in accepted(server)] == [f"dept{n}@district.example" for n in (1, 2, 3)]
 
