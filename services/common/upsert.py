@@ -48,7 +48,8 @@ def update_many(session, table, key, rows: list[dict]) -> None:
     on_postgresql = session.get_bind().dialect.name == "postgresql"
     for columns, group in by_columns.items():
         if on_postgresql:
-            _update_from_values(session, table, key, [c for c in columns if c != key.name], list(group.values()))
+            assignments = {name: f'changes."{name}"' for name in columns if name != key.name}
+            update_from_values(session, table, key, list(group.values()), assignments)
         else:
             session.execute(
                 table.update().where(key == bindparam("b_key")),
@@ -56,12 +57,22 @@ def update_many(session, table, key, rows: list[dict]) -> None:
             )
 
 
-def _update_from_values(session, table, key, columns: list[str], rows: list[dict]) -> None:
+def update_from_values(
+    session, table, key, rows: list[dict], assignments: dict[str, str], condition: str = "", types: dict | None = None
+) -> None:
+    """One ``UPDATE table SET … FROM (VALUES …) AS changes(…) WHERE table.key = changes.key``
+    for all the rows (PostgreSQL only): each row's values are a row of ``changes``, in the order of
+    the first row's keys, each cast to the type of the table's column of that name (or to
+    ``types[name]``, for a value that is no column). ``assignments`` maps a column to the SQL it
+    takes, reading ``changes.NAME`` and the row as it was (``TABLE.NAME``); ``condition`` is SQL
+    ANDed to the key's match. A key must come once: PostgreSQL updates a row once, with any one
+    of its matches."""
     connection = session.connection()
     dialect = connection.dialect
-    names = [key.name, *columns]
-    processors = [table.c[name].type.bind_processor(dialect) for name in names]
-    row_template = "(" + ", ".join(f"%s::{_cast_to(table.c[name].type, dialect)}" for name in names) + ")"
+    names = list(rows[0])
+    types = {name: (types or {}).get(name) or table.c[name].type for name in names}
+    processors = [types[name].bind_processor(dialect) for name in names]
+    row_template = "(" + ", ".join(f"%s::{_cast_to(types[name], dialect)}" for name in names) + ")"
     quote, target = dialect.identifier_preparer.quote, dialect.identifier_preparer.format_table(table)
     # The values are quoted by psycopg2 (mogrify), and the statement goes through SQLAlchemy, so
     # that its errors come as SQLAlchemy's and a broken connection is noticed as with any other.
@@ -74,9 +85,9 @@ def _update_from_values(session, table, key, columns: list[str], rows: list[dict
             for row in rows
         ).decode(psycopg2.extensions.encodings[driver.encoding])
     connection.exec_driver_sql(
-        f"UPDATE {target} SET {', '.join(f'{quote(n)} = changes.{quote(n)}' for n in columns)} "
+        f"UPDATE {target} SET {', '.join(f'{quote(n)} = {sql}' for n, sql in assignments.items())} "
         f"FROM (VALUES {values}) AS changes({', '.join(quote(n) for n in names)}) "
-        f"WHERE {target}.{quote(key.name)} = changes.{quote(key.name)}",
+        f"WHERE {target}.{quote(key.name)} = changes.{quote(key.name)}" + (f" AND ({condition})" if condition else ""),
         execution_options={"no_parameters": True},  # a % in a value is not a placeholder
     )
 

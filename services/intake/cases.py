@@ -16,7 +16,7 @@ from services.common.http import NotFound, ValidationFailed
 from services.common.outbox import add_event, add_events
 from services.common.privacy import mask_phone, mask_phones_in_text
 from services.common.timeutil import CST, iso, now
-from services.common.upsert import dialect_insert
+from services.common.upsert import dialect_insert, update_from_values
 from services.intake.models import case_counters, cases, directory_versions, outbox
 from services.intake.schemas import CaseSubmission
 
@@ -303,34 +303,88 @@ STATUS_FROM_ROUTING = {
 
 
 def apply_routing_statuses(session, events: list[dict]) -> None:
-    """Update cases' statuses from routing's events, in one statement sent with them all. Events
-    are applied in the order they occurred: an older event arriving late changes nothing."""
-    rows = []
+    """Update cases' statuses from routing's events. Events are applied in the order they
+    occurred, each only to a case last updated no later than it occurred: an older event arriving
+    late changes nothing. On PostgreSQL one statement updates every case once, with its events
+    taken together (``_taken_together``): an UPDATE per event had been intake's busiest statement
+    in PostgreSQL (8,000 a run of bench/e2e.py, bench/README.md)."""
+    changes = _status_changes(events)
+    if not changes:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        _apply_taken_together(session, _taken_together(changes))
+    else:
+        _apply_one_by_one(session, changes)
+
+
+def _status_changes(events: list[dict]) -> list[dict]:
+    """What each event sets, in the order the events occurred: ``case_id``, ``occurred``,
+    ``status``, ``notes``, and ``agency`` and ``expected_at`` (a referral's, else None)."""
+    changes = []
     for event in sorted(events, key=lambda e: e["occurred_at"]):
         event_type = event["event_type"]
         if event_type == "referral_replied" and not event.get("case_replied"):
             continue
         status, note = STATUS_FROM_ROUTING[event_type]
-        row = {
-            "b_id": event["case_id"],
-            "b_occurred": datetime.fromisoformat(event["occurred_at"]),
-            "b_status": status,
-            "b_agency": None,
-            "b_expected_at": None,
-        }
+        change = dict(case_id=event["case_id"], occurred=datetime.fromisoformat(event["occurred_at"]), status=status)
+        change.update(agency=None, expected_at=None)
         if event_type == "case_referred":
             lead = event["referrals"][0]
             names = "、".join(r["department_name"] for r in event["referrals"])
-            row.update(
-                b_agency=lead["department_name"],
-                b_expected_at=datetime.fromisoformat(lead["due_at"]),
-                b_notes=note.format(departments=names),
+            change.update(
+                agency=lead["department_name"],
+                expected_at=datetime.fromisoformat(lead["due_at"]),
+                notes=note.format(departments=names),
             )
         else:
-            row["b_notes"] = note.format(result=(event.get("result") or "")[:500], rating=event.get("rating", ""))
-        rows.append(row)
-    if not rows:
-        return
+            change["notes"] = note.format(result=(event.get("result") or "")[:500], rating=event.get("rating", ""))
+        changes.append(change)
+    return changes
+
+
+def _taken_together(changes: list[dict]) -> list[dict]:
+    """One row per case with the same outcome as its changes applied one by one. Applied in order,
+    a case's changes take effect from the first that occurred no earlier than its last update
+    (each one applied moves that update to its own time, no later than the next's): so the case
+    ends with the last change's status if that one is not older than the case, and with the agency
+    and deadline of its last referral that is not — ``agency_at`` says when that referral
+    occurred, to be compared in the statement."""
+    together = {}
+    for change in changes:  # in the order they occurred
+        row = together.setdefault(change["case_id"], dict(id=change["case_id"], agency_at=None))
+        row.update(updated_at=change["occurred"], status=change["status"], status_notes=change["notes"])
+        if change["agency"] is not None:
+            row.update(
+                agency_responsible=change["agency"], expected_at=change["expected_at"], agency_at=change["occurred"]
+            )
+        row.setdefault("agency_responsible", None)
+        row.setdefault("expected_at", None)
+    return list(together.values())
+
+
+def _apply_taken_together(session, rows: list[dict]) -> None:
+    referral_applies = "intake_cases.updated_at <= changes.agency_at"  # NULL when it had no referral: false
+    update_from_values(
+        session,
+        cases,
+        cases.c.id,
+        rows,
+        {
+            "status": "changes.status",
+            "status_notes": "changes.status_notes",
+            "updated_at": "changes.updated_at",
+            "agency_responsible": (
+                f"CASE WHEN {referral_applies} THEN changes.agency_responsible ELSE intake_cases.agency_responsible END"
+            ),
+            "expected_at": f"CASE WHEN {referral_applies} THEN changes.expected_at ELSE intake_cases.expected_at END",
+        },
+        condition="intake_cases.updated_at <= changes.updated_at",
+        types={"agency_at": cases.c.updated_at.type},
+    )
+
+
+def _apply_one_by_one(session, changes: list[dict]) -> None:
+    """An UPDATE per change, in order (SQLite: no UPDATE … FROM VALUES here)."""
     c = cases.c
     statement = (
         update(cases)
@@ -346,4 +400,17 @@ def apply_routing_statuses(session, events: list[dict]) -> None:
             expected_at=func.coalesce(bindparam("b_expected_at", type_=c.expected_at.type), c.expected_at),
         )
     )
-    session.execute(statement, rows)
+    session.execute(
+        statement,
+        [
+            dict(
+                b_id=change["case_id"],
+                b_occurred=change["occurred"],
+                b_status=change["status"],
+                b_notes=change["notes"],
+                b_agency=change["agency"],
+                b_expected_at=change["expected_at"],
+            )
+            for change in changes
+        ],
+    )

@@ -28,6 +28,7 @@ from services.common.timeutil import iso, now
 from services.common.upsert import (
     dialect_insert,
     insert_many_ignoring_duplicates,
+    update_from_values,
     update_many,
 )
 from services.supervision.clusters import bigrams, cluster_key, clusters_to_join, could_be_like, similarity
@@ -491,15 +492,24 @@ class ClusterWords:
                 rows,
             )
         if self.appended:  # only a cluster with a row has one to keep whole (repeated words are harmless)
-            session.execute(
-                update(cluster_words)
-                .where(t.cluster_key == bindparam("b_key"))
-                .values(words=t.words + "\n" + bindparam("b_more"), updated_at=bindparam("b_at")),
-                [
-                    {"b_key": key, "b_more": "\n".join(sorted(more)), "b_at": now()}
-                    for key, more in sorted(self.appended.items())
-                ],
-            )
+            rows = [
+                dict(cluster_key=key, words="\n".join(sorted(more)), updated_at=now())
+                for key, more in sorted(self.appended.items())
+            ]
+            if session.get_bind().dialect.name == "postgresql":
+                # One statement: most of these clusters have no row (small ones), and an UPDATE
+                # per cluster was supervision's most frequent statement (bench/README.md, 3 Dec).
+                appended = {"words": "supervision_cluster_words.words || chr(10) || changes.words"}
+                update_from_values(
+                    session, cluster_words, t.cluster_key, rows, appended | {"updated_at": "changes.updated_at"}
+                )
+            else:
+                session.execute(
+                    update(cluster_words)
+                    .where(t.cluster_key == bindparam("b_key"))
+                    .values(words=t.words + "\n" + bindparam("b_more"), updated_at=bindparam("b_at")),
+                    [{"b_key": r["cluster_key"], "b_more": r["words"], "b_at": r["updated_at"]} for r in rows],
+                )
 
 
 def _stored_words(session, keys) -> dict[str, frozenset]:
@@ -646,6 +656,11 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
         referral_projection.c.referral_id,
         [{"referral_id": referral_id, **values} for referral_id, values in referral_changes.items()],
     )
+    # The nearest deadline goes with the case's other changes (one write of the row instead of two).
+    for case_id, nearest in _nearest_due(as_of, due_changed).items():
+        if nearest != cases[case_id]["nearest_due"]:
+            cases[case_id]["nearest_due"] = nearest
+            changed_columns[case_id].add("nearest_due")
     update_many(
         session,
         case_projection,
@@ -655,12 +670,6 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
             for case_id, columns in changed_columns.items()
         ],
     )
-    if due_changed:
-        r = referral_projection.c
-        nearest_due = (
-            select(func.min(r.due_at)).where(r.case_id == c.case_id, r.status.in_(OPEN_REFERRAL)).scalar_subquery()
-        )
-        session.execute(update(case_projection).where(c.case_id.in_(due_changed)).values(nearest_due=nearest_due))
     reclassified = [case_id for case_id in case_ids if cases[case_id]["category"] != categories_before[case_id]]
     if reclassified:  # another shard and cluster
         moved = [SimpleNamespace(**cases[case_id]) for case_id in reclassified]
@@ -680,16 +689,30 @@ def _departments_in_referral_order(session, case_ids: list[str]) -> dict[str, li
 
 
 def _referrals_as_of(session, events: list[dict]) -> dict[str, dict]:
-    """As they stand, the referrals ``events`` name (those projected): their due date, and when
-    their status and extension were set and the latest event about them occurred."""
-    named = sorted({e["referral_id"] for e in events if e.get("referral_id")})
-    if not named:
+    """As they stand, the referrals of the cases of ``events`` that name a referral or make some:
+    their case, status and due date, and when their status and extension were set and the latest
+    event about them occurred. Every referral of those cases, so that their nearest deadline is
+    known once the events are applied (``_nearest_due``)."""
+    case_ids = sorted({e["case_id"] for e in events if e.get("referral_id") or e.get("referrals")})
+    if not case_ids:
         return {}
     r = referral_projection.c
     rows = session.execute(
-        select(r.referral_id, r.due_at, r.status_at, r.extension_at, r.updated_at).where(r.referral_id.in_(named))
+        select(r.referral_id, r.case_id, r.status, r.due_at, r.status_at, r.extension_at, r.updated_at).where(
+            r.case_id.in_(case_ids)
+        )
     )
     return {row.referral_id: row._asdict() for row in rows}
+
+
+def _nearest_due(as_of: dict, case_ids) -> dict[str, datetime | None]:
+    """``{case id: the earliest deadline among its open referrals}``, from the referrals as of now."""
+    nearest = dict.fromkeys(case_ids)
+    for referral in as_of.values():
+        case_id, due_at = referral["case_id"], referral["due_at"]
+        if case_id in nearest and referral["status"] in OPEN_REFERRAL:
+            nearest[case_id] = due_at if nearest[case_id] is None else min(nearest[case_id], due_at)
+    return nearest
 
 
 def _early_steps(session, case_ids: list[str], referral_ids: set[str], applied: set[str]) -> list[dict]:

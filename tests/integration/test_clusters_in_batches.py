@@ -168,6 +168,28 @@ def test_cases_whose_referral_came_first_are_completed_and_clustered_by_intakes_
         assert row.status == ("referred" if event in referred_first else "received")
 
 
+def arrive_alone(sessions, number: int, text: str, day: float) -> str:
+    """A case of the chain's shard received ``day`` days after START, in its own batch: its cluster key."""
+    received = START + timedelta(days=day)
+    event = {
+        "event_id": str(uuid.uuid4()),
+        "case_id": f"LG-2026-{number:06d}",
+        "source": "hotline-12345",
+        "channel": "amqp",
+        "title": text[:12],
+        "description": text[12:],
+        "street": "buji",
+        "category": "traffic",
+        "received_at": received.isoformat(),
+    }
+    with sessions.begin() as session:
+        projection.record_cases_received(session, [event], SETTINGS)
+    with sessions() as session:
+        return session.execute(
+            select(case_projection.c.cluster_key).where(case_projection.c.case_id == event["case_id"])
+        ).scalar()
+
+
 def test_a_cluster_read_whole_once_is_then_skipped_by_its_words_and_still_joined_through_an_old_case(db, monkeypatch):
     sessions = sessionmaker(db)
     read_whole = []
@@ -177,24 +199,7 @@ def test_a_cluster_read_whole_once_is_then_skipped_by_its_words_and_still_joined
     )
 
     def arrive(number: int, text: str, day: float):
-        received = START + timedelta(days=day)
-        event = {
-            "event_id": str(uuid.uuid4()),
-            "case_id": f"LG-2026-{number:06d}",
-            "source": "hotline-12345",
-            "channel": "amqp",
-            "title": text[:12],
-            "description": text[12:],
-            "street": "buji",
-            "category": "traffic",
-            "received_at": received.isoformat(),
-        }
-        with sessions.begin() as session:
-            projection.record_cases_received(session, [event], SETTINGS)
-        with sessions() as session:
-            return session.execute(
-                select(case_projection.c.cluster_key).where(case_projection.c.case_id == event["case_id"])
-            ).scalar()
+        return arrive_alone(sessions, number, text, day)
 
     # The oldest case shares words with the second only; each later one with the one before it.
     chain = [
@@ -237,3 +242,23 @@ def test_a_cluster_read_whole_once_is_then_skipped_by_its_words_and_still_joined
     assert arrive(14, "地铁站缺少除颤仪急救设备", day=1.4) != merged
     assert len(read_whole) == reads  # the merged cluster's words sufficed
     assert arrive(15, "甲乙丙丁戊己庚辛", day=1.5) == merged  # and still lead to its oldest case
+
+
+def test_a_case_joining_a_cluster_not_read_this_batch_adds_its_words_to_the_cluster_s_row(db):
+    """A cluster with a row of words, down to fewer open cases than ``FIRST_COMPARED``: a case
+    joining it is compared with all of them, the row is not read, and the case's words are
+    appended to it (ClusterWords.appended), so that the row stays a superset of its cases' words."""
+    sessions = sessionmaker(db)
+    chain = ["甲乙丙丁戊己庚辛", "丁戊己庚辛壬癸子", "庚辛壬癸子丑寅卯", "癸子丑寅卯辰巳午", "寅卯辰巳午未申酉"]
+    [cluster] = {arrive_alone(sessions, n, text, day=n * 0.1) for n, text in enumerate(chain)}
+    assert arrive_alone(sessions, 10, "公交线路调整换乘不便等车太久", day=1) != cluster  # the row is written
+    with sessions.begin() as session:
+        c = case_projection.c
+        oldest = (c.cluster_key == cluster, c.case_id < "LG-2026-000003")
+        session.execute(case_projection.update().where(*oldest).values(status="closed"))
+    assert arrive_alone(sessions, 20, "寅卯辰巳午未申酉东南西北", day=1.2) == cluster
+    t = projection.cluster_words.c
+    with sessions() as session:
+        [words] = session.execute(select(t.words).where(t.cluster_key == cluster)).scalars()
+    assert bigrams("寅卯辰巳午未申酉东南西北") <= set(words.split("\n"))
+    assert bigrams("甲乙丙丁戊己庚辛") <= set(words.split("\n"))  # and keeps the closed cases' words

@@ -9,7 +9,7 @@ import uuid
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
 from services.common.timeutil import CST
@@ -106,6 +106,21 @@ def project_in_batches(sessions, batches: list[list[dict]]) -> None:
     for batch in batches:
         with sessions.begin() as session:
             projection.record_events(session, batch, SETTINGS)
+        assert_nearest_due_is_of_the_open_referrals(sessions)
+
+
+def assert_nearest_due_is_of_the_open_referrals(sessions) -> None:
+    """After every batch, each case's ``nearest_due`` (worked out from the referrals the batch
+    read and changed) is the earliest deadline among its open referrals as stored."""
+    r = referral_projection.c
+    earliest = (
+        select(func.min(r.due_at))
+        .where(r.case_id == case_projection.c.case_id, r.status.in_(projection.OPEN_REFERRAL))
+        .scalar_subquery()
+    )
+    with sessions() as session:
+        rows = session.execute(select(case_projection.c.case_id, case_projection.c.nearest_due, earliest)).all()
+    assert [row for row in rows if row[1] != row[2]] == []
 
 
 def batches_with_redeliveries(rng: random.Random, events: list[dict]) -> list[list[dict]]:
