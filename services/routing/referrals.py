@@ -285,14 +285,6 @@ def record_case(session, event: dict, now: datetime) -> dict | None:
     return row if insert_ignoring_duplicates(session, routing_cases, row) else None
 
 
-def record_cases(session, events: list[dict], now: datetime) -> list[dict]:
-    """Store received cases, each once, in one statement: the rows stored now, in the events'
-    order (a redelivered event, or a second one about the same case, stores nothing)."""
-    rows = list({event["case_id"]: _case_row(event, now) for event in events}.values())
-    stored = set(insert_many_ignoring_duplicates(session, routing_cases, rows, routing_cases.c.case_id))
-    return [row for row in rows if row["case_id"] in stored]
-
-
 @dataclass
 class Writes:
     """Routing's writes, gathered so that a batch of new cases is written with one statement per
@@ -309,20 +301,33 @@ class Writes:
         add_events(session, outbox, self.events)
 
 
-def route_new_cases(session, ctx: Context, cases: list[dict]) -> None:
-    """Route cases stored just now in this transaction (``record_cases``): nobody else can see
-    them, so nothing is locked or read back, and all their writes go together."""
-    writes = Writes()
-    for case in cases:
-        route(session, ctx, case["case_id"], case, writes)
-    writes.write(session)
+def record_and_route_new_cases(session, ctx: Context, events: list[dict]) -> None:
+    """Store received cases, each once, and route them: each case's row is decided before it is
+    stored, and written once, routed (an INSERT then an UPDATE of every case had been routing's
+    busiest statements: bench/README.md, 3 Dec). The cases stored now — not those of a redelivered
+    event, nor one another worker stored meanwhile — get their referrals and events, all of a kind
+    in one statement."""
+    rows = list({event["case_id"]: _case_row(event, ctx.now) for event in events}.values())
+    decided = Writes()
+    for row in rows:
+        route(session, ctx, row["case_id"], row, decided)
+    routed = {change["case_id"]: change for change in decided.cases}
+    stored = set(
+        insert_many_ignoring_duplicates(
+            session, routing_cases, [row | routed[row["case_id"]] for row in rows], routing_cases.c.case_id
+        )
+    )
+    Writes(
+        referrals=[referral for referral in decided.referrals if referral["case_id"] in stored],
+        events=[(kind, payload) for kind, payload in decided.events if payload["case_id"] in stored],
+    ).write(session)
 
 
 def route(session, ctx: Context, case_id: str, case: dict | None = None, writes: Writes | None = None) -> dict:
     """Decide by the rules and refer the case, or put it on the triage list. ``case`` is its row
-    when the caller just stored it in this transaction (nobody else can see it, so there is
-    nothing to lock or read back); otherwise it is read and locked here. ``writes`` gathers the
-    writes of several cases routed together; without it they are made now."""
+    when the caller stores it in this transaction (nobody else can see it, so there is nothing to
+    lock or read back: ``record_and_route_new_cases``); otherwise it is read and locked here.
+    ``writes`` gathers the writes of several cases routed together; without it they are made now."""
     just_stored = case is not None
     case = dict(case) if just_stored else _case(session, case_id, lock=True)._asdict()
     decision = routing_rules.decide(ctx.rules, case, ctx.known_departments)
@@ -360,7 +365,7 @@ def route(session, ctx: Context, case_id: str, case: dict | None = None, writes:
             pending.write(session)
         return {"case_id": case_id, "status": "triage", "reason": reason}
     # The decision's values are written by _refer's update of the case, with its new status.
-    existing = 0 if just_stored else None  # a case stored just now has no referrals yet
+    existing = 0 if just_stored else None  # a case stored in this transaction has no referrals yet
     return _refer(
         session,
         ctx,

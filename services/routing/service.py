@@ -70,8 +70,7 @@ class RoutingService(ServiceBase):
     def on_case_received(self, events: list):
         context = self._context()
         with self.db.begin() as session:
-            fresh = referrals.record_cases(session, events, context.now)  # not redeliveries, already routed
-            referrals.route_new_cases(session, context, fresh)
+            referrals.record_and_route_new_cases(session, context, events)  # not redeliveries, already routed
         self.publish_events()
 
     @reliable_event_handler("intake", "directory_loaded")

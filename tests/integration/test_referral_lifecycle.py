@@ -282,3 +282,37 @@ class world_session:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_a_batch_of_received_cases_is_stored_routed_once_and_a_redelivered_one_changes_nothing(world):
+    """``record_and_route_new_cases``, as routing's handler calls it: each new case written once,
+    already referred or on the triage list; a case stored before (a redelivered event) and the
+    second event of a case in the batch make no referral and no event."""
+
+    def received(case_id, title, description):
+        return {
+            "case_id": case_id,
+            "source": "hotline-12345",
+            "channel": "amqp",
+            "title": title,
+            "description": description,
+            "street": "nanwan",
+            "received_at": world.clock.isoformat(),
+        }
+
+    lamp = received("LG-2026-000020", "丹竹头社区路灯不亮", "一周没有路灯")
+    question = received("LG-2026-000021", "你好", "想咨询一件事")
+    world.run(lambda session, ctx: referrals.record_and_route_new_cases(session, ctx, [lamp]))
+    first_events = world.events()
+    world.clock += timedelta(hours=1)
+    batch = [lamp, question, dict(question, title="重复的事件")]  # lamp again: a redelivery
+    world.run(lambda session, ctx: referrals.record_and_route_new_cases(session, ctx, batch))
+
+    events = world.events()
+    assert events[: len(first_events)] == first_events
+    assert [(e["case_id"], "referrals" in e) for e in events] == [("LG-2026-000020", True), ("LG-2026-000021", False)]
+    lamp_view, question_view = world.view("LG-2026-000020"), world.view("LG-2026-000021")
+    assert (lamp_view["status"], lamp_view["lead_department"], len(lamp_view["referrals"])) == ("referred", "cgj", 1)
+    assert lamp_view["decision"]["rule_ids"][0] == "classify-urban-management"
+    assert (question_view["status"], question_view["triage_reason"]) == ("triage", "no rule assigns a department")
+    assert question_view["referrals"] == [] and question_view["decision"]["rule_ids"] is not None

@@ -143,6 +143,31 @@ def test_five_working_days_overdue_goes_on_the_agenda_with_joint_supervision(wor
     assert world.sweep("2026-10-20T09:00:00") == [] and world.count(agenda) == 2
 
 
+def test_a_case_linked_to_the_agenda_is_marked_once_and_a_second_item_does_not_touch_it_again(world):
+    """``on_agenda`` and ``changed_at`` are set when an item first links a case (the incremental
+    sweep looks at it again); another item linking it later changes neither: its facts are the same."""
+
+    def marked():
+        with world.sessionmaker() as session:
+            c = case_projection.c
+            return session.execute(select(c.on_agenda, c.changed_at).where(c.case_id == "C-9")).one()
+
+    world.case("C-9")
+    assert marked().on_agenda is False
+    taken = world.sweep("2026-10-19T09:00:00")  # 5 working days overdue: the agenda and joint supervision
+    assert sorted(a for _, a, _ in taken) == ["add_to_agenda", "alert_supervisors", "open_joint_supervision"]
+    assert marked() == (True, at("2026-10-19T09:00:00"))
+    for reason in ("x", "y"):
+        world.event("referral_returned", "C-9", referral_id="C-9-R1", department="cgj", reason=reason)
+    projected_at = at("2026-10-19T10:00:00")  # the returns' projection set changed_at: a known value instead
+    with world.sessionmaker.begin() as session:
+        c = case_projection.c
+        session.execute(update(case_projection).where(c.case_id == "C-9").values(changed_at=projected_at))
+    assert world.sweep("2026-10-20T09:00:00") == [("returned-twice", "add_to_agenda", ("C-9",))]
+    assert marked() == (True, projected_at)
+    assert world.count(agenda) == 3
+
+
 def test_returned_twice_and_unsatisfied_twice(world):
     world.case("C-3")
     world.event("referral_returned", "C-3", referral_id="C-3-R1", department="cgj", reason="x")
