@@ -596,24 +596,13 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
             select(case_projection).where(c.case_id.in_(case_ids)).order_by(c.case_id).with_for_update()
         )
     }
+    # Events that overtook intake's case_received start their case: its row is made here and
+    # written once, whole, when their changes are applied (_insert_started). An INSERT then an
+    # UPDATE of each such case had been two of the projection's costliest statements, on the way
+    # of every case to the board (bench/README.md, 3 Dec).
     overtaking = {e["case_id"]: e for e in reversed(fresh) if e["case_id"] not in cases}
-    if overtaking:  # these events overtook intake's case_received: the case starts from them
-        # in case order, as every writer of these rows takes them (no deadlock with intake's event)
-        started = [_new_case_row(overtaking[case_id], _at(overtaking[case_id])) for case_id in sorted(overtaking)]
-        inserted = dialect_insert(session, case_projection).on_conflict_do_nothing().returning(*case_projection.c)
-        cases.update((row.case_id, row._asdict()) for row in session.execute(inserted, started))
-        register_shards(session, [(row["street"], row["category"]) for row in started])
-        started_meanwhile = [case_id for case_id in overtaking if case_id not in cases]  # by another batch
-        if started_meanwhile:
-            cases.update(
-                (row.case_id, row._asdict())
-                for row in session.execute(
-                    select(case_projection)
-                    .where(c.case_id.in_(started_meanwhile))
-                    .order_by(c.case_id)
-                    .with_for_update()
-                )
-            )
+    for case_id, event in overtaking.items():
+        cases[case_id] = _started_row(event)
     categories_before = {case_id: case["category"] for case_id, case in cases.items()}
     changed_columns = defaultdict(set)
     new_referrals, referral_changes, due_changed = [], {}, set()
@@ -661,6 +650,8 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
         if nearest != cases[case_id]["nearest_due"]:
             cases[case_id]["nearest_due"] = nearest
             changed_columns[case_id].add("nearest_due")
+    if overtaking:
+        _insert_started(session, [cases[case_id] for case_id in sorted(overtaking)])
     update_many(
         session,
         case_projection,
@@ -668,6 +659,7 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
         [
             {"case_id": case_id, **{k: cases[case_id][k] for k in columns}}
             for case_id, columns in changed_columns.items()
+            if case_id not in overtaking
         ],
     )
     reclassified = [case_id for case_id in case_ids if cases[case_id]["category"] != categories_before[case_id]]
@@ -675,6 +667,27 @@ def record_routing_events(session, events: list[dict], settings: dict, to_place:
         moved = [SimpleNamespace(**cases[case_id]) for case_id in reclassified]
         _place_now_or_later(session, moved, settings, to_place)
     return case_ids
+
+
+class StartedMeanwhile(Exception):
+    """Another worker stored a case that this run's events were starting (a replica projecting
+    intake's event about it): the run fails, and its events, projected again, apply to that row."""
+
+
+def _started_row(event: dict) -> dict:
+    """The whole row of a case that ``event`` starts, every column given (as the INSERT would)."""
+    defaults = {column.name: None for column in case_projection.c} | dict(on_agenda=False, early_steps=0)
+    return defaults | _new_case_row(event, _at(event))
+
+
+def _insert_started(session, rows: list[dict]) -> None:
+    """Insert the cases routing's events started, in case order, as every writer of these rows
+    takes them (no deadlock with intake's event), and register their shards."""
+    stored = set(insert_many_ignoring_duplicates(session, case_projection, rows, case_projection.c.case_id))
+    lost = [row["case_id"] for row in rows if row["case_id"] not in stored]
+    if lost:
+        raise StartedMeanwhile(f"stored by another worker meanwhile, to be projected again: {', '.join(lost)}")
+    register_shards(session, [(row["street"], row["category"]) for row in rows])
 
 
 def _departments_in_referral_order(session, case_ids: list[str]) -> dict[str, list[str]]:

@@ -258,3 +258,30 @@ def test_a_step_before_its_referral_changes_the_case_at_once_and_the_referral_wh
         0,
         [("returned", True)],
     )
+
+
+def test_a_case_another_worker_stores_meanwhile_fails_the_run_and_its_events_then_apply_to_that_row(
+    sessions, monkeypatch
+):
+    """Routing's event starts its case, whose row is written when the event is applied; a replica
+    projecting intake's event stores the row first. The run fails (StartedMeanwhile: nothing of it
+    is kept), and the event projected again ends the case as projecting both in turn does."""
+    received, triage = whole_process("LG-2026-000300")[:2]
+    read_referrals = projection._referrals_as_of
+
+    def replica_stores_it_meanwhile(session, events):
+        with sessions.begin() as other:
+            projection.record_events(other, [received], SETTINGS)
+        return read_referrals(session, events)
+
+    monkeypatch.setattr(projection, "_referrals_as_of", replica_stores_it_meanwhile)
+    with pytest.raises(projection.StartedMeanwhile, match="LG-2026-000300"):
+        with sessions.begin() as session:
+            projection.record_events(session, [triage], SETTINGS)
+    monkeypatch.undo()
+    project_one_by_one(sessions, [triage])
+
+    in_turn = [dict(event, case_id="LG-2026-000301", event_id=str(uuid.uuid4())) for event in (received, triage)]
+    project_one_by_one(sessions, in_turn)
+    assert differences(projected(sessions, "LG-2026-000300"), projected(sessions, "LG-2026-000301")) == []
+    assert projected(sessions, "LG-2026-000300")[0]["status"] == "triage"
