@@ -9,10 +9,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 import sqlalchemy.exc
 from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, bindparam, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import sessionmaker
 
 from services.common.db import UTCDateTime
-from services.common.upsert import update_many
+from services.common.upsert import insert_many_ignoring_duplicates, update_many
 
 CST = timezone(timedelta(hours=8))
 
@@ -107,4 +108,48 @@ def test_a_bad_value_fails_the_whole_statement_and_leaves_every_row_as_it_was(ta
             ours.c.case_id,
             [{"case_id": "HY-1", "status": "ok"}, {"case_id": "HY-2", "status": "x" * 17}],
         )
+    assert rows_of(db, ours) == before
+
+
+def new_rows(first: int, count: int) -> list[dict]:
+    return [
+        dict(
+            case_id=f"HY-{n}",
+            status="received",
+            title=f"第{n}件 O'Brien 100% %s %(x)s; --",
+            departments=["住建局", {"n": n}] if n % 2 else None,
+            updated_at=datetime(2026, 12, 1, 9, tzinfo=CST) + timedelta(minutes=n),
+            returns=n,
+        )
+        for n in range(first, first + count)
+    ]
+
+
+def test_inserting_many_adds_only_the_new_rows_and_returns_their_keys_as_sqlalchemy_s_own_insert_does(tables):
+    """``insert_many_ignoring_duplicates`` on PostgreSQL (literal rows, a page of 1,000 at a time)
+    beside SQLAlchemy's own INSERT … ON CONFLICT DO NOTHING of the same rows on a second table:
+    every type arrives as itself, text is quoted whatever it holds, the rows already there (HY-1
+    to HY-5) are left alone and not returned."""
+    db, ours, one_by_one = tables
+    rows = new_rows(4, 1_500)  # HY-4 and HY-5 are there already
+    with sessionmaker(db).begin() as session:
+        returned = insert_many_ignoring_duplicates(session, ours, rows, ours.c.case_id)
+        pairs = insert_many_ignoring_duplicates(session, ours, new_rows(1_000, 600), (ours.c.case_id, ours.c.returns))
+    with db.begin() as connection:
+        for batch in (rows, new_rows(1_000, 600)):
+            connection.execute(postgresql.insert(one_by_one).on_conflict_do_nothing(), batch)
+    assert sorted(returned) == sorted(f"HY-{n}" for n in range(6, 1_504))
+    assert sorted(pairs) == sorted((f"HY-{n}", n) for n in range(1_504, 1_600))
+    assert rows_of(db, ours) == rows_of(db, one_by_one)
+    [row] = [row for row in rows_of(db, ours) if row["case_id"] == "HY-7"]
+    assert row == {**new_rows(7, 1)[0], "updated_at": datetime(2026, 12, 1, 1, 7, tzinfo=timezone.utc)}
+
+
+def test_a_bad_row_inserts_nothing(tables):
+    db, ours, _ = tables
+    before = rows_of(db, ours)
+    rows = new_rows(10, 3)
+    rows[2]["status"] = "x" * 17
+    with pytest.raises(sqlalchemy.exc.DataError, match="value too long"), sessionmaker(db).begin() as session:
+        insert_many_ignoring_duplicates(session, ours, rows, ours.c.case_id)
     assert rows_of(db, ours) == before
