@@ -131,12 +131,17 @@ class Database(DependencyProvider):
         return self.sessions
 
 
+def on_postgresql(session) -> bool:
+    """Whether the session's database is PostgreSQL (else SQLite, for development)."""
+    return session.get_bind().dialect.name == "postgresql"
+
+
 @contextmanager
 def snapshot(sessions):
     """A read-only session that sees one consistent snapshot across several SELECTs (PostgreSQL's
     READ COMMITTED would let a record and its parts be read from before and after a commit)."""
     with sessions() as session:
-        if session.get_bind().dialect.name == "postgresql":
+        if on_postgresql(session):
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         yield session
 

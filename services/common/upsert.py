@@ -8,10 +8,12 @@ import psycopg2.extensions
 from sqlalchemy import bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
+from services.common.db import on_postgresql
+
 
 def dialect_insert(session, table):
     """An INSERT that can take ON CONFLICT clauses, for the session's database."""
-    make_insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    make_insert = postgresql.insert if on_postgresql(session) else sqlite.insert
     return make_insert(table)
 
 
@@ -28,7 +30,7 @@ def insert_many_ignoring_duplicates(session, table, rows: list[dict], key) -> li
     if not rows:
         return []
     columns = key if isinstance(key, tuple) else (key,)
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         # One INSERT of literal rows (psycopg2 quotes them) per page: SQLAlchemy's own multi-row
         # INSERT spent twice the client's CPU per row on its parameters (0.21 against 0.12 ms for
         # a row of supervision_cases, 0.055 against 0.038 for a timeline row; bench/README.md).
@@ -62,9 +64,8 @@ def update_many(session, table, key, rows: list[dict]) -> None:
     by_columns = defaultdict(dict)
     for row in rows:
         by_columns[tuple(sorted(row))][row[key.name]] = row
-    on_postgresql = session.get_bind().dialect.name == "postgresql"
     for columns, group in by_columns.items():
-        if on_postgresql:
+        if on_postgresql(session):
             assignments = {name: f'changes."{name}"' for name in columns if name != key.name}
             update_from_values(session, table, key, list(group.values()), assignments)
         else:

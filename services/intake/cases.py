@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from services.common.db import on_postgresql
 from services.common.directory import Directory, parse_directory
 from services.common.http import NotFound, ValidationFailed
 from services.common.outbox import add_event, add_events
@@ -311,7 +312,7 @@ def apply_routing_statuses(session, events: list[dict]) -> None:
     changes = _status_changes(events)
     if not changes:
         return
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         _apply_taken_together(session, _taken_together(changes))
     else:
         _apply_one_by_one(session, changes)
@@ -326,8 +327,8 @@ def _status_changes(events: list[dict]) -> list[dict]:
         if event_type == "referral_replied" and not event.get("case_replied"):
             continue
         status, note = STATUS_FROM_ROUTING[event_type]
-        change = dict(case_id=event["case_id"], occurred=datetime.fromisoformat(event["occurred_at"]), status=status)
-        change.update(agency=None, expected_at=None)
+        at = datetime.fromisoformat(event["occurred_at"])
+        change = dict(case_id=event["case_id"], occurred=at, status=status, agency=None, expected_at=None)
         if event_type == "case_referred":
             lead = event["referrals"][0]
             names = "、".join(r["department_name"] for r in event["referrals"])
@@ -351,14 +352,13 @@ def _taken_together(changes: list[dict]) -> list[dict]:
     occurred, to be compared in the statement."""
     together = {}
     for change in changes:  # in the order they occurred
-        row = together.setdefault(change["case_id"], dict(id=change["case_id"], agency_at=None))
+        no_referral = dict(agency_responsible=None, expected_at=None, agency_at=None)
+        row = together.setdefault(change["case_id"], dict(id=change["case_id"], **no_referral))
         row.update(updated_at=change["occurred"], status=change["status"], status_notes=change["notes"])
         if change["agency"] is not None:
             row.update(
                 agency_responsible=change["agency"], expected_at=change["expected_at"], agency_at=change["occurred"]
             )
-        row.setdefault("agency_responsible", None)
-        row.setdefault("expected_at", None)
     return list(together.values())
 
 

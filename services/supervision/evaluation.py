@@ -20,6 +20,7 @@ from datetime import datetime
 import eventlet
 from sqlalchemy import Text, and_, cast, func, select, text, true
 
+from services.common.db import on_postgresql
 from services.common.rules.ruleset import Ruleset
 from services.common.timeutil import iso
 from services.common.workdays import WorkingCalendar, cst_date
@@ -145,7 +146,7 @@ def _case_rows(session, which, stream: bool = True):
     )
     if not stream:  # a case's cluster: a few rows, one round trip
         return map(CaseRow._make, session.execute(query))
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         # Streamed rows come from a server-side cursor, which PostgreSQL plans for the first 10 %
         # of rows by default: it would walk the whole cluster index to skip a sort, reading every
         # case of every shard for each shard. We read every row, so plan for all of them.

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 from sqlalchemy import String, bindparam, delete, func, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from services.common.db import on_postgresql
 from services.common.http import NotFound
 from services.common.timeutil import iso, now
 from services.common.upsert import (
@@ -338,7 +339,7 @@ def _peers(session, shards: list, span: tuple, arriving: dict, settings: dict, b
         .label("rank")
     )
     columns = (c.street, c.category, c.case_id, c.cluster_key, c.received_at, rank)
-    if session.get_bind().dialect.name == "postgresql":
+    if on_postgresql(session):
         # A shard at a time (LATERAL), so that each is a walk of ix_supervision_cases_open_by_cluster
         # in the window's order: over all the shards at once, PostgreSQL gathered their rows from a
         # bitmap scan and sorted them (11.5 ms for 15 shards of 370 open cases; 1.5 ms this way,
@@ -496,7 +497,7 @@ class ClusterWords:
                 dict(cluster_key=key, words="\n".join(sorted(more)), updated_at=now())
                 for key, more in sorted(self.appended.items())
             ]
-            if session.get_bind().dialect.name == "postgresql":
+            if on_postgresql(session):
                 # One statement: most of these clusters have no row (small ones), and an UPDATE
                 # per cluster was supervision's most frequent statement (bench/README.md, 3 Dec).
                 appended = {"words": "supervision_cluster_words.words || chr(10) || changes.words"}
@@ -674,10 +675,13 @@ class StartedMeanwhile(Exception):
     intake's event about it): the run fails, and its events, projected again, apply to that row."""
 
 
+# Every column of a case's row, as the table's defaults give it: a started row names them all.
+STARTED_DEFAULTS = {column.name: None for column in case_projection.c} | dict(on_agenda=False, early_steps=0)
+
+
 def _started_row(event: dict) -> dict:
     """The whole row of a case that ``event`` starts, every column given (as the INSERT would)."""
-    defaults = {column.name: None for column in case_projection.c} | dict(on_agenda=False, early_steps=0)
-    return defaults | _new_case_row(event, _at(event))
+    return STARTED_DEFAULTS | _new_case_row(event, _at(event))
 
 
 def _insert_started(session, rows: list[dict]) -> None:
