@@ -25,6 +25,7 @@ from functools import partial
 
 import eventlet
 from nameko.exceptions import ContainerBeingKilled
+from nameko.extensions import DependencyProvider
 
 from services.common import metrics
 
@@ -318,40 +319,107 @@ class InBackground:
     ``at_most_share`` keeps the runs to that share of the time when they grow long: the next run
     gathers for at least ``(1 / share - 1)`` times as long as the previous one took. Under load,
     runs then take more items each instead of running back to back and taking the CPU from the
-    work that waits on them; when they are quick, ``gather_seconds`` rules."""
+    work that waits on them; when they are quick, ``gather_seconds`` rules.
 
-    def __init__(self, what: str, gather_seconds: float = 0.0, at_most_share: float = 1.0, clock=time.monotonic):
+    ``spawn`` starts the greenthread: in a service, the container's ``spawn_managed_thread``
+    (``BackgroundRuns``), so that the runs end with the container (``stop``)."""
+
+    def __init__(
+        self,
+        what: str,
+        gather_seconds: float = 0.0,
+        at_most_share: float = 1.0,
+        clock=time.monotonic,
+        spawn=eventlet.spawn,
+    ):
         if not 0 < at_most_share <= 1:
             raise ValueError("at_most_share must be in (0, 1]")
         self.what, self.gather_seconds, self.at_most_share, self.clock = what, gather_seconds, at_most_share, clock
+        self.spawn = spawn
         self._items: list = []
-        self._running = False
+        self._thread = None  # the greenthread that gathers and runs, while there is one
+        self._in_run = False
+        self._stopped = False
         self._took = 0.0  # the previous run's time
 
     def __call__(self, items, function) -> None:
+        if self._stopped:
+            log.info("%s stopped: %s item(s) left to catch up on", self.what, len(items))
+            return
         self._items.extend(items)
-        if not self._running:
-            self._running = True
-            eventlet.spawn_n(self._run, function)
+        if self._thread is None:
+            self._thread = self.spawn(partial(self._run, function))
 
     def gather_for(self) -> float:
         """How long the next run gathers its items."""
         return max(self.gather_seconds, self._took * (1 / self.at_most_share - 1))
 
+    def stop(self, wait_for_the_run: bool = True) -> None:
+        """No run starts any more. A run going on is waited for (unless told not to: then whoever
+        spawned it kills it); one still gathering is not started, and its items are dropped with a
+        log line: they are left to catch up on, as after a failed run."""
+        self._stopped = True
+        thread = self._thread
+        if thread is not None:
+            if not self._in_run:
+                thread.kill()
+            elif wait_for_the_run:
+                try:
+                    thread.wait()
+                except Exception:  # _run logs its own failures; this is only the wait's
+                    pass
+        if self._items:
+            log.info("%s stopped: %s item(s) left to catch up on", self.what, len(self._items))
+            self._items = []
+
     def _run(self, function):
         try:
-            while self._items:
+            while self._items and not self._stopped:
                 eventlet.sleep(self.gather_for())
+                if self._stopped:
+                    return
                 items, self._items = self._items, []
+                self._in_run = True
                 started = self.clock()
                 try:
                     function(items)
                 except Exception:
                     log.exception("%s of %s item(s) failed; left to catch up on", self.what, len(items))
+                finally:
+                    self._in_run = False
                 self._took = self.clock() - started
                 metrics.observe_run(self.what, self._took, len(items))
         finally:
-            self._running = False
+            self._thread = None
+
+
+class BackgroundRuns(DependencyProvider):
+    """An ``InBackground`` whose greenthread the service container manages: stopping the
+    container waits for the run going on and starts no other; killing it kills the run.
+
+    Left to a bare greenthread, a run outlived its container. The tests showed it: a killed
+    supervision's evaluation, still gathering, ran after the next test had emptied the database
+    and wrote its agenda items there."""
+
+    def __init__(self, what: str, gather_seconds: float = 0.0, at_most_share: float = 1.0):
+        self.what, self.gather_seconds, self.at_most_share = what, gather_seconds, at_most_share
+
+    def setup(self):
+        self.runs = InBackground(
+            self.what,
+            self.gather_seconds,
+            self.at_most_share,
+            spawn=partial(self.container.spawn_managed_thread, identifier=self.what),
+        )
+
+    def stop(self):
+        self.runs.stop()
+
+    def kill(self):
+        self.runs.stop(wait_for_the_run=False)  # the container kills the run's thread next
+
+    def get_dependency(self, worker_ctx):
+        return self.runs
 
 
 class GiveWay:

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from services.common import metrics
 from services.common.auth import KeyCache, actor_for, actor_for_key, require_staff
 from services.common.base import ServiceBase
-from services.common.batching import GATHER_OFF_THE_CASES_WAY, Coalesced, GiveWay, InBackground, RunFailed
+from services.common.batching import GATHER_OFF_THE_CASES_WAY, BackgroundRuns, Coalesced, GiveWay, RunFailed
 from services.common.db import snapshot
 from services.common.events import event_batch_handler
 from services.common.http import (
@@ -99,6 +99,7 @@ class SupervisionService(ServiceBase):
     relay = OutboxRelay(outbox)
     rules = Rules(load_supervision)
     intake = RpcProxy("intake")
+    evaluations = BackgroundRuns("evaluation after events", EVALUATION_GATHER_SECONDS, EVALUATION_AT_MOST_SHARE)
 
     # --- evaluation ---------------------------------------------------------------------------
 
@@ -216,11 +217,7 @@ class SupervisionService(ServiceBase):
         a few cases a second.) Should the process die first, the next periodic sweep evaluates
         them: it takes every cluster changed since its previous pass."""
         if case_ids:
-            evaluations = self.state.setdefault(
-                "evaluations",
-                InBackground("evaluation after events", EVALUATION_GATHER_SECONDS, EVALUATION_AT_MOST_SHARE),
-            )
-            evaluations(case_ids, self._evaluate_cases)
+            self.evaluations(case_ids, self._evaluate_cases)
 
     def _evaluate_cases(self, case_ids: list) -> None:
         self._evaluate_and_apply(now(), sorted(set(case_ids)))
@@ -234,9 +231,15 @@ class SupervisionService(ServiceBase):
         me = self.state.setdefault("replica", sweeping.replica_name())
         # Two sweepers, each taking one shard at a time: while one waits for PostgreSQL the other
         # evaluates, so a sweep uses both cores (the leases keep them apart, as between replicas).
-        sweepers = eventlet.GreenPool(SWEEPERS)
         started = time.monotonic()
-        totals = list(sweepers.imap(lambda _: self._sweep_due_shards(me), range(SWEEPERS)))
+        sweepers = [eventlet.spawn(self._sweep_due_shards, me) for _ in range(SWEEPERS)]
+        try:
+            totals = [sweeper.wait() for sweeper in sweepers]
+        finally:
+            # Killing this worker (the container does) does not kill the sweepers it started,
+            # nor does one sweeper's error end the other: left alone, they swept on after it.
+            for sweeper in sweepers:
+                sweeper.kill()  # nothing to a sweeper that has finished
         evaluated, decided = sum(t[0] for t in totals), sum(t[1] for t in totals)
         if evaluated:
             metrics.observe_run("sweep", time.monotonic() - started, evaluated)

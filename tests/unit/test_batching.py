@@ -383,3 +383,45 @@ def test_background_work_gives_way_to_the_work_cases_wait_on_but_not_for_ever():
     with gate.inside():
         gate.pause()  # returns although the run inside has not ended
     GiveWay().pause()  # nothing inside: returns at once
+
+
+def test_work_in_the_background_ends_when_stopped():
+    """InBackground.stop: a run going on is waited for and none starts after it; items still
+    gathering are dropped, as are those handed over after the stop; told not to wait (the
+    container kills the thread next), it returns while the run goes on."""
+    import eventlet
+
+    from services.common.batching import InBackground
+
+    ran = []
+
+    def slow(items):
+        ran.append(("started", items))
+        eventlet.sleep(0.05)
+        ran.append(("finished", items))
+
+    gathering = InBackground("test", gather_seconds=0.05)
+    gathering(["a"], slow)
+    eventlet.sleep(0)
+    gathering.stop()
+    gathering(["b"], slow)
+    eventlet.sleep(0.15)
+    assert ran == []
+
+    running = InBackground("test")
+    running(["c"], slow)
+    while not ran:
+        eventlet.sleep(0.005)
+    running(["d"], slow)  # would make the next run
+    running.stop()
+    assert ran == [("started", ["c"]), ("finished", ["c"])]
+    eventlet.sleep(0.15)
+    assert ran == [("started", ["c"]), ("finished", ["c"])]
+
+    ran.clear()
+    unwaited = InBackground("test")
+    unwaited(["e"], slow)
+    while not ran:
+        eventlet.sleep(0.005)
+    unwaited.stop(wait_for_the_run=False)
+    assert ran == [("started", ["e"])]
