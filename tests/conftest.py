@@ -20,12 +20,14 @@ from psycogreen.eventlet import patch_psycopg  # noqa: E402
 
 patch_psycopg()
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import mailbox  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import weakref  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import eventlet.wsgi  # noqa: E402
@@ -38,6 +40,69 @@ from services.common.db import create_db_engine  # noqa: E402
 
 TEST_DATABASE_URL = os.environ.get("HUIYING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 DEMO_DIRECTORY = settings.PROJECT_ROOT / "data" / "longgang-directory.yaml"
+
+
+# No greenthread a test started may outlive it. One that did (a killed supervision's evaluation
+# after events, still gathering) wrote agenda items into the next test's emptied database and
+# failed that test (CI, 3 Dec). Checked in hooks, after every fixture's teardown: nameko's own
+# autouse fixtures (runner_factory's kill) are torn down after any fixture of ours.
+GREENTHREADS_BEFORE = pytest.StashKey[weakref.WeakSet]()
+GRACE_SECONDS = 0.25  # for a thread that ends on its own just after the kill
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    item.stash[GREENTHREADS_BEFORE] = weakref.WeakSet(live_greenthreads())
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    before = item.stash.get(GREENTHREADS_BEFORE, weakref.WeakSet())
+    deadline = time.monotonic() + GRACE_SECONDS
+    while (left := [t for t in live_greenthreads() if t not in before and not session_long(t)]) and (
+        time.monotonic() < deadline
+    ):
+        eventlet.sleep(0.05)
+    if left:
+        raise AssertionError(
+            f"{len(left)} greenthread(s) outlived {item.nodeid}:\n" + "\n".join(sorted(where(t) for t in left))
+        )
+    return result
+
+
+def live_greenthreads() -> list:
+    """Every greenthread not yet finished (the hub's own greenlet aside)."""
+    import greenlet
+
+    found = []
+    for thing in gc.get_objects():
+        try:
+            if isinstance(thing, greenlet.greenlet) and thing.parent is not None and not thing.dead:
+                found.append(thing)
+        except ReferenceError:  # a weak proxy whose object is gone
+            pass
+    return found
+
+
+def session_long(thread) -> bool:
+    """nameko's vhost pipeline: made in the first test's setup, for the whole session."""
+    frame = thread.gr_frame
+    while frame is not None:
+        if frame.f_code.co_filename.endswith("nameko/testing/utils.py"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def where(thread) -> str:
+    """A greenthread's innermost frames, for the failure message."""
+    frames, frame = [], thread.gr_frame
+    while frame is not None:
+        frames.append(f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})")
+        frame = frame.f_back
+    return " < ".join(frames[:6]) or "not started"
 
 
 def free_port() -> int:

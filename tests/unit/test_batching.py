@@ -419,9 +419,17 @@ def test_work_in_the_background_ends_when_stopped():
     assert ran == [("started", ["c"]), ("finished", ["c"])]
 
     ran.clear()
-    unwaited = InBackground("test")
+    spawned = []  # the container's managed threads, which it kills after the stop
+
+    def spawn(run):
+        spawned.append(eventlet.spawn(run))
+        return spawned[-1]
+
+    unwaited = InBackground("test", spawn=spawn)
     unwaited(["e"], slow)
     while not ran:
         eventlet.sleep(0.005)
     unwaited.stop(wait_for_the_run=False)
+    assert ran == [("started", ["e"])]
+    spawned[0].kill()
     assert ran == [("started", ["e"])]
