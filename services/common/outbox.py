@@ -65,6 +65,10 @@ def add_events(session, table: Table, events: list[tuple[str, dict]]) -> list[di
     return messages
 
 
+class PublisherShut(RuntimeError):
+    """A publish after the service stopped (``BatchPublisher.shut``)."""
+
+
 class BatchPublisher:
     """Publishes batches of JSON messages to one exchange over one long-lived connection, in
     publisher confirm mode, waiting once for the broker to confirm the whole batch: a confirm
@@ -77,6 +81,7 @@ class BatchPublisher:
         self._sent = 0  # delivery tags are numbered per channel from 1
         self._unconfirmed: set[int] = set()
         self._refused = False
+        self._shut = False
         self._lock = threading.Lock()  # green once eventlet has patched threading
 
     def __call__(self, routing_key: str, payload: dict | list):
@@ -116,6 +121,8 @@ class BatchPublisher:
         self._confirmed(tag, multiple)
 
     def _publish(self, messages):
+        if self._shut:
+            raise PublisherShut(f"the publisher to {self.exchange.name} has stopped with its service")
         if self.channel is None:
             self._open()
         producer = Producer(self.channel, exchange=self.exchange, serializer="json", auto_declare=False)
@@ -128,6 +135,13 @@ class BatchPublisher:
             self.connection.drain_events(timeout=CONFIRM_TIMEOUT)
         if self._refused:
             raise RuntimeError(f"the broker refused messages to {self.exchange.name}")
+
+    def shut(self):
+        """Close for good, as the service stops: work still finishing (an evaluation a stopping
+        supervision waits for) must not open a connection that nothing would close. What it
+        would have published stays pending in its outbox, for the next relay."""
+        self._shut = True
+        self.close()
 
     def close(self):
         connection, self.connection, self.channel = self.connection, None, None
@@ -150,10 +164,10 @@ class BatchPublishing(DependencyProvider):
         self.publisher = BatchPublisher(self.container.config["AMQP_URI"], exchange, self.declare)
 
     def stop(self):
-        self.publisher.close()
+        self.publisher.shut()
 
     def kill(self):
-        self.publisher.close()
+        self.publisher.shut()
 
     def get_dependency(self, worker_ctx):
         return self.publisher

@@ -1,16 +1,18 @@
 """A supervision container that stops or is killed leaves no work of its own behind: the
-evaluation after events and the sweepers of the periodic sweep end with it. Before they were
+evaluation after events and the sweepers of the periodic sweep end with it, and nothing that
+finishes after the stop opens a broker connection. Before they were
 container-managed, a killed supervision's evaluation ran later and wrote agenda items into the
 database the next test had just emptied (CI, 3 Dec: test_hostile_rules found another test's case
 on its agenda)."""
 
 import eventlet
 import pytest
-from kombu import Connection, Producer
+from kombu import Connection, Exchange, Producer
 from sqlalchemy import func, select
 
+from services.common.outbox import BatchPublisher, PublisherShut
 from services.common.topology import event_exchange
-from services.supervision.models import agenda
+from services.supervision.models import agenda, outbox
 from services.supervision.service import SupervisionService
 from tests.conftest import wait_for
 from tests.interface.test_event_retries import referred_event
@@ -80,6 +82,9 @@ def test_a_stopped_supervision_finishes_the_evaluation_going_on(supervision, hel
     stopping.wait()
     assert held_evaluation.calls == ["started", "finished"]
     assert agenda_items(db) > 0  # the overdue case went on the agenda before the stop returned
+    with db.connect() as connection:  # and its events are in the outbox, sent or left for the next relay
+        escalated = select(func.count()).where(outbox.c.event_type == "case_escalated")
+        assert connection.execute(escalated).scalar_one() > 0
 
 
 def test_a_killed_supervision_leaves_no_evaluation_behind(supervision, held_evaluation, rabbit_config, db):
@@ -106,3 +111,15 @@ def test_a_killed_supervision_leaves_no_sweeper_behind(supervision, monkeypatch)
     supervision.kill()
     eventlet.sleep(2)
     assert "swept" not in calls
+
+
+def test_a_publisher_shut_with_its_service_opens_no_connection_again(rabbit_config):
+    """What finishes after the stop (the evaluation above) publishes nothing: a connection it
+    opened then would stay open, nothing left to close it. Its events wait in the outbox."""
+    publisher = BatchPublisher(rabbit_config["AMQP_URI"], Exchange("huiying.test.shut", type="topic", durable=True))
+    publisher.publish_batch([("anything", {"n": 1})])
+    assert publisher.connection is not None
+    publisher.shut()
+    with pytest.raises(PublisherShut, match="stopped with its service"):
+        publisher.publish_batch([("anything", {"n": 2})])
+    assert publisher.connection is None
