@@ -344,7 +344,7 @@ class InBackground:
 
     def __call__(self, items, function) -> None:
         if self._stopped:
-            log.info("%s stopped: %s item(s) left to catch up on", self.what, len(items))
+            self._leave(items)
             return
         self._items.extend(items)
         if self._thread is None:
@@ -369,8 +369,11 @@ class InBackground:
                 except Exception:  # _run logs its own failures; this is only the wait's
                     pass
         if self._items:
-            log.info("%s stopped: %s item(s) left to catch up on", self.what, len(self._items))
+            self._leave(self._items)
             self._items = []
+
+    def _leave(self, items: list) -> None:
+        log.info("%s stopped: %s item(s) left to catch up on", self.what, len(items))
 
     def _run(self, function):
         try:

@@ -64,8 +64,9 @@ def update_many(session, table, key, rows: list[dict]) -> None:
     by_columns = defaultdict(dict)
     for row in rows:
         by_columns[tuple(sorted(row))][row[key.name]] = row
+    postgres = on_postgresql(session)
     for columns, group in by_columns.items():
-        if on_postgresql(session):
+        if postgres:
             assignments = {name: f'changes."{name}"' for name in columns if name != key.name}
             update_from_values(session, table, key, list(group.values()), assignments)
         else:

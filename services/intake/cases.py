@@ -343,6 +343,10 @@ def _status_changes(events: list[dict]) -> list[dict]:
     return changes
 
 
+# A case's row taken together before any of its changes names a referral.
+NO_REFERRAL = dict(agency_responsible=None, expected_at=None, agency_at=None)
+
+
 def _taken_together(changes: list[dict]) -> list[dict]:
     """One row per case with the same outcome as its changes applied one by one. Applied in order,
     a case's changes take effect from the first that occurred no earlier than its last update
@@ -352,8 +356,9 @@ def _taken_together(changes: list[dict]) -> list[dict]:
     occurred, to be compared in the statement."""
     together = {}
     for change in changes:  # in the order they occurred
-        no_referral = dict(agency_responsible=None, expected_at=None, agency_at=None)
-        row = together.setdefault(change["case_id"], dict(id=change["case_id"], **no_referral))
+        row = together.get(change["case_id"])
+        if row is None:
+            row = together[change["case_id"]] = dict(id=change["case_id"], **NO_REFERRAL)
         row.update(updated_at=change["occurred"], status=change["status"], status_notes=change["notes"])
         if change["agency"] is not None:
             row.update(
