@@ -148,38 +148,31 @@ def _known_ids(session, submissions: list[CaseSubmission]) -> dict[tuple, str]:
     return {(row.source, row.external_id): row.id for row in rows}
 
 
-def submit(
-    sessions, submission: CaseSubmission, channel: str, directory_cache: DirectoryCache, prefix: str
-) -> Submitted:
-    """Store one case (see ``submit_many``); an unknown code is a ValidationFailed."""
-    result = submit_many(sessions, [submission], channel, directory_cache, prefix)[0]
-    if isinstance(result, ValidationFailed):
-        raise result
-    return result
-
-
 def submit_many(
-    sessions, submissions: list[CaseSubmission], channel: str, directory_cache: DirectoryCache, prefix: str
+    sessions, received: list[tuple[CaseSubmission, str]], directory_cache: DirectoryCache, prefix: str
 ) -> list:
-    """Store each new case with its ``case_received`` event, all in one transaction; one result
-    per submission, in order: ``Submitted``, or the ``ValidationFailed`` of a submission naming a
-    code the directory does not know (the others are stored all the same). A resend of a known
-    (source, external id), here or earlier in the list, answers with the existing case."""
-    if not submissions:
+    """Store each new case with its ``case_received`` event, all in one transaction; ``received``
+    holds each submission with the channel it came by (submissions of every channel are stored
+    together). One result per submission, in order: ``Submitted``, or the ``ValidationFailed`` of
+    a submission naming a code the directory does not know (the others are stored all the same).
+    A resend of a known (source, external id), here or earlier in the list, answers with the
+    existing case."""
+    if not received:
         return []
     try:
         with sessions.begin() as session:
-            results = _store_new(session, submissions, channel, directory_cache.current(session), prefix)
+            results = _store_new(session, received, directory_cache.current(session), prefix)
     except IntegrityError:
         # Another worker stored one of these (source, external id) a moment ago.
-        if len(submissions) > 1:
-            return [submit_many(sessions, [s], channel, directory_cache, prefix)[0] for s in submissions]
+        if len(received) > 1:
+            return [submit_many(sessions, [each], directory_cache, prefix)[0] for each in received]
+        [(submission, _)] = received
         with sessions() as session:
-            existing = find_by_external_id(session, submissions[0].source, submissions[0].external_id)
+            existing = find_by_external_id(session, submission.source, submission.external_id)
         if existing is None:
             raise
         return [Submitted(existing, False)]
-    for submission, result in zip(submissions, results):
+    for (submission, channel), result in zip(received, results):
         if isinstance(result, Submitted) and result.created:
             log.info(
                 "case %s received from %s via %s",
@@ -191,12 +184,12 @@ def submit_many(
     return results
 
 
-def _store_new(session, submissions, channel, directory, prefix) -> list:
-    known = _known_ids(session, submissions)
+def _store_new(session, received, directory, prefix) -> list:
+    known = _known_ids(session, [submission for submission, _ in received])
     results: list = []
-    new = []  # (position in results, values, received_at)
+    new = []  # (position in results, channel, values, received_at)
     first_at: dict[tuple, int] = {}  # (source, external id) → position of its new case
-    for submission in submissions:
+    for submission, channel in received:
         key = (submission.source, submission.external_id)
         if key in known:
             results.append(Submitted(known[key], False))
@@ -209,14 +202,14 @@ def _store_new(session, submissions, channel, directory, prefix) -> list:
                 results.append(exc)
                 continue
             first_at[key] = len(results)
-            new.append((len(results), values, values.pop("received_at") or now()))
+            new.append((len(results), channel, values, values.pop("received_at") or now()))
             results.append(None)
     if not new:
         return results
-    years = [received_at.astimezone(CST).year for _, _, received_at in new]
+    years = [received_at.astimezone(CST).year for *_, received_at in new]
     next_number = {year: _reserve_case_numbers(session, year, years.count(year)) for year in sorted(set(years))}
     stamp, rows, events = now(), [], []
-    for (position, values, received_at), year in zip(new, years):
+    for (position, channel, values, received_at), year in zip(new, years):
         case_id = f"{prefix}-{year}-{next_number[year]:06d}"
         next_number[year] += 1
         results[position] = Submitted(case_id, True)

@@ -5,6 +5,7 @@ import requests
 from sqlalchemy import func, select
 
 from services.intake.models import cases
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.interface
 
@@ -115,3 +116,56 @@ def test_health(intake):
     response = requests.get(f"{url}/health")
     assert response.status_code == 200
     assert response.json()["checks"] == {"database": "ok", "broker": "ok"}
+
+
+def test_http_requests_and_tickets_arriving_during_a_store_are_stored_together_in_the_next(
+    intake, publish_ticket, db, monkeypatch
+):
+    """One transaction for the submissions of a moment, whatever their channel: while a store
+    runs, the HTTP requests and ticket batches that arrive wait, and the next store takes them all.
+    Each caller still gets its own answer; a request naming an unknown street gets its 422 and
+    the others are stored."""
+    import eventlet
+    from eventlet.event import Event
+
+    from services.intake import cases as intake_cases
+    from services.intake import service as intake_service
+
+    url, auth = intake
+    real_store, stores, release = intake_cases.submit_many, [], Event()
+    real_parse, parsed = intake_service.parse_submission, []
+
+    def held_store(sessions, received, *args):
+        stores.append(sorted(channel for _, channel in received))
+        if len(stores) == 1:
+            release.wait()
+        return real_store(sessions, received, *args)
+
+    def counted_parse(data):
+        parsed.append(data["external_id"])  # handed over to the store straight after, with no pause
+        return real_parse(data)
+
+    monkeypatch.setattr(intake_cases, "submit_many", held_store)
+    monkeypatch.setattr(intake_service, "parse_submission", counted_parse)
+
+    def post(external_id, **extra):
+        body = {"external_id": external_id, "title": "路灯不亮", "description": "一段路灯连续一周不亮", **extra}
+        return requests.post(f"{url}/api/v1/cases", json=body, headers=auth)
+
+    first = eventlet.spawn(post, "H-0")
+    wait_for(lambda: len(stores) == 1)
+    posted = [eventlet.spawn(post, f"H-{n}") for n in (1, 2)] + [eventlet.spawn(post, "H-bad", street="火星街道")]
+    for n in (1, 2):
+        publish_ticket({"source": "hotline-12345", "external_id": f"T-{n}", "title": "噪音", "description": "夜间施工"})
+    wait_for(lambda: len(parsed) == 6)
+    release.send()
+
+    answers = [thread.wait() for thread in [first, *posted]]
+    assert [a.status_code for a in answers] == [201, 201, 201, 422]
+    assert "street" in [d["field"] for d in answers[3].json()["error"]["details"]]
+    wait_for(lambda: case_count(db) == 5)
+    assert stores == [["http"], ["amqp", "amqp", "http", "http", "http"]]
+    with db.connect() as connection:
+        channels = dict(connection.execute(select(cases.c.external_id, cases.c.channel)).all())
+    assert channels == {"H-0": "http", "H-1": "http", "H-2": "http", "T-1": "amqp", "T-2": "amqp"}
+    assert len({a.json()["id"] for a in answers[:3]}) == 3
