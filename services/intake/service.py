@@ -52,7 +52,7 @@ class IntakeService(ServiceBase):
     def _store_together(self, received: list) -> list:
         """``received`` (each submission with its channel) stored together with the submissions
         the process's other workers hand over at about the same time, whatever their channel: one
-        transaction and one publish for the HTTP requests and ticket batches of a moment
+        transaction and one publish for the HTTP requests, imports and ticket batches of a moment
         (batching.Coalesced). Stored apart, by channel, HTTP submissions came 1.0 to 1.1 to a
         transaction at 40 a second, and the two channels' transactions queued for each other's
         lock on the year's case counter (bench/README.md, 6 December)."""
@@ -107,15 +107,15 @@ class IntakeService(ServiceBase):
 
     @rpc
     def submit_cases(self, rows: list, channel: str = "import") -> list:
-        """Batch submit, in one transaction: one result per row, ``{"id", "created"}`` or
-        ``{"error", "details"}``."""
+        """Batch submit, in one transaction (with whatever else is being stored): one result per
+        row, ``{"id", "created"}`` or ``{"error", "details"}``."""
         parsed = []
         for data in rows:
             try:
                 parsed.append(parse_submission(data))
             except ValidationFailed as exc:
                 parsed.append(exc)
-        stored = iter(self._submit_many([(p, channel) for p in parsed if not isinstance(p, ValidationFailed)]))
+        stored = iter(self._store_together([(p, channel) for p in parsed if not isinstance(p, ValidationFailed)]))
         results = []
         for item in parsed:
             result = item if isinstance(item, ValidationFailed) else next(stored)
