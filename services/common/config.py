@@ -136,6 +136,8 @@ def logging_config(service: str) -> dict:
                 "json_ensure_ascii": False,
             },
         },
+        "filters": {"expected_errors_briefly": {"()": "services.common.logs.ExpectedErrorsBriefly"}},
         "handlers": {"console": {"class": "logging.StreamHandler", "formatter": log_format()}},
+        "loggers": {"nameko.containers": {"filters": ["expected_errors_briefly"]}},
         "root": {"level": os.environ.get("HUIYING_LOG_LEVEL", "INFO"), "handlers": ["console"]},
     }

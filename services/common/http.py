@@ -116,6 +116,9 @@ class HttpEntrypoint(HttpRequestHandler):
 
     def __init__(self, method, url, error_renderer=json_error, **kwargs):
         self.error_renderer = error_renderer
+        # An ApiError is the API's answer to its caller (401, 404, 422 …), not a server fault:
+        # nameko logs an expected exception as one (logs.ExpectedErrorsBriefly makes that brief).
+        kwargs.setdefault("expected_exceptions", ApiError)
         super().__init__(method, url, **kwargs)
 
     def handle_request(self, request):

@@ -169,3 +169,23 @@ def test_http_requests_and_tickets_arriving_during_a_store_are_stored_together_i
         channels = dict(connection.execute(select(cases.c.external_id, cases.c.channel)).all())
     assert channels == {"H-0": "http", "H-1": "http", "H-2": "http", "T-1": "amqp", "T-2": "amqp"}
     assert len({a.json()["id"] for a in answers[:3]}) == 3
+
+
+def test_a_callers_mistake_is_logged_as_the_answer_it_got_not_as_a_server_fault(intake, caplog):
+    """A 404 is an ApiError the entrypoint expects: one INFO line, without a traceback, once the
+    services' log filter (logs.ExpectedErrorsBriefly, installed by config.logging_config) sees it."""
+    import logging
+
+    from services.common.logs import ExpectedErrorsBriefly
+
+    url, auth = intake
+    containers, brief = logging.getLogger("nameko.containers"), ExpectedErrorsBriefly()
+    containers.addFilter(brief)
+    try:
+        with caplog.at_level(logging.INFO):
+            response = requests.get(f"{url}/api/v1/cases/LG-2026-999999", headers=auth)
+    finally:
+        containers.removeFilter(brief)
+    assert response.status_code == 404
+    worker_errors = [r for r in caplog.records if r.name == "nameko.containers" and "handling worker" in r.msg]
+    assert [(r.levelname, r.exc_info) for r in worker_errors] == [("INFO", None)]
