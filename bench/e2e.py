@@ -54,7 +54,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import looplag
 from bench.autovacuum import Autovacuum
 from bench.dbwaits import DatabaseWaits
-from bench.machine import cpu_jiffies, python_loop_ms, steal_share
+from bench.machine import cpu_jiffies, cpu_seconds, python_loop_ms, steal_share
 from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
 from huiying.mail_sink import SmtpSink
@@ -237,7 +237,7 @@ class Meter:
 
     def cpu(self, pids: dict | None = None) -> dict[str, float]:
         """CPU seconds so far of each process group (of ``pids``, or looked up now)."""
-        return {name: sum(_cpu_seconds(pid) for pid in group if pid) for name, group in (pids or self._pids()).items()}
+        return {name: sum(cpu_seconds(pid) for pid in group if pid) for name, group in (pids or self._pids()).items()}
 
     def _read(self) -> dict:
         pids = self._pids()
@@ -317,14 +317,6 @@ class Meter:
 
 def _pgrep(*args) -> list[int]:
     return [int(pid) for pid in subprocess.run(["pgrep", *args], capture_output=True, text=True).stdout.split()]
-
-
-def _cpu_seconds(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:  # the process has gone (a postgres backend that closed)
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _runqueue_seconds(pid: int) -> float:

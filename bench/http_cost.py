@@ -2,33 +2,34 @@
 the request's own work is measured (nothing is batched with it): a new case by POST, an unknown
 case's GET (a 404: the cost of answering a caller's mistake), ``/health`` and ``/metrics``.
 
-    .venv/bin/python -m bench.http_cost [--requests 1000] [--profile FILE]
+    .venv/bin/python -m bench.http_cost [--requests 1000] [--profile]
 
 Prints one JSON line per request kind: intake's CPU ms per request (from /proc, so it includes
 what a noisy neighbour costs: compare kinds within a run, or runs made back to back) and the
-wall time. ``--profile FILE`` then samples intake with py-spy over as many POSTs of new cases
-and writes collapsed stacks to FILE."""
+wall time. ``--profile`` then samples intake with py-spy over as many POSTs of new cases
+(bench/profiling.py: the stacks go to ``bench-http-post-intake.folded`` in the current
+directory, intake's top functions to the last JSON line)."""
 
 import argparse
 import http.client
+import itertools
 import json
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from bench.e2e import RULES_DIR, _cpu_seconds
+from bench.e2e import RULES_DIR
+from bench.machine import cpu_seconds
+from bench.profiling import sampled
 from tests.faults.harness import Resources, Stack, case_payload
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests of each kind")
-    parser.add_argument("--profile", type=Path, help="py-spy's collapsed stacks of intake during POSTs")
+    parser.add_argument("--profile", action="store_true", help="sample intake with py-spy over as many POSTs")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="huiying-bench-http-"))
@@ -42,7 +43,7 @@ def main():
         key, pid = stack.keys["hotline"], stack.pid("intake")
         connection = http.client.HTTPConnection(urlsplit(stack.url("intake")).netloc, timeout=30)
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        numbers = iter(range(10**9))
+        numbers = itertools.count()
 
         def request(method: str, path: str) -> int:
             body = None
@@ -62,9 +63,9 @@ def main():
         for method, path in kinds:
             request(method, path)  # warm: the first of a kind loads and caches what it needs
         for method, path in kinds:
-            cpu, started = _cpu_seconds(pid), time.perf_counter()
+            cpu, started = cpu_seconds(pid), time.perf_counter()
             statuses = {request(method, path) for _ in range(args.requests)}
-            cpu, wall = _cpu_seconds(pid) - cpu, time.perf_counter() - started
+            cpu, wall = cpu_seconds(pid) - cpu, time.perf_counter() - started
             print(
                 json.dumps(
                     {
@@ -76,14 +77,10 @@ def main():
                 )
             )
         if args.profile:
-            py_spy = str(Path(sys.executable).parent / "py-spy")
-            options = ["--rate", "200", "--format", "raw", "--output", str(args.profile), "--pid", str(pid)]
-            spy = subprocess.Popen([py_spy, "record", *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(1)
-            for _ in range(args.requests):
-                request("POST", "/api/v1/cases")
-            spy.send_signal(signal.SIGINT)
-            spy.wait(60)
+            with sampled(True, {"intake": pid}, "bench-http-post") as profile:
+                for _ in range(args.requests):
+                    request("POST", "/api/v1/cases")
+            print(json.dumps({"profile": profile}))
     finally:
         stack.down()
         resources.close()
