@@ -58,8 +58,8 @@ from bench.machine import cpu_jiffies, cpu_seconds, python_loop_ms, steal_share
 from bench.profiling import sampled
 from bench.raw_broker import measure as raw_broker
 from huiying.mail_sink import SmtpSink
-from tests.conftest import DEMO_DIRECTORY, Receiver
 from tests.faults.harness import MANAGEMENT, SERVICES, TICKETS, Resources, Stack, case_payload
+from tests.support import DEMO_DIRECTORY
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
 SOURCE = "hotline-12345"
@@ -512,7 +512,7 @@ def main():
     root = Path(tempfile.mkdtemp(prefix="huiying-bench-"))
     shutil.copytree(RULES_DIR, root / "rules")
     resources = Resources()
-    smtp, receiver = SmtpSink(), Receiver()  # the SMTP server accepts and keeps nothing
+    smtp = SmtpSink(sms_gateway=True)  # the mail server and SMS gateway: accept everything, keep nothing
     vhost = resources.vhost()
     stack = Stack(
         root,
@@ -522,7 +522,7 @@ def main():
         {
             "HUIYING_SMTP_HOST": "127.0.0.1",
             "HUIYING_SMTP_PORT": str(smtp.port),
-            "HUIYING_SMS_GATEWAY_URL": receiver.url("/sms"),
+            "HUIYING_SMS_GATEWAY_URL": f"http://127.0.0.1:{smtp.sms_port}/sms",
             "HUIYING_LOG_LEVEL": "WARNING",
             **({"HUIYING_BATCH_GATHER_MS": str(args.gather_ms)} if args.gather_ms else {}),
         },
@@ -571,7 +571,6 @@ def main():
     finally:
         stack.down()
         smtp.close()
-        receiver.close()
         resources.close()
         shutil.rmtree(root, ignore_errors=True)
     print(json.dumps(report, ensure_ascii=False, indent=2))

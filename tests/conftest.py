@@ -37,10 +37,7 @@ from sqlalchemy import text  # noqa: E402
 
 from services.common import config as settings  # noqa: E402
 from services.common.db import create_db_engine  # noqa: E402
-
-TEST_DATABASE_URL = os.environ.get("HUIYING_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-DEMO_DIRECTORY = settings.PROJECT_ROOT / "data" / "longgang-directory.yaml"
-
+from tests.support import DEMO_DIRECTORY, TEST_DATABASE_URL, free_port  # noqa: E402
 
 # No greenthread a test started may outlive it. One that did (a killed supervision's evaluation
 # after events, still gathering) wrote agenda items into the next test's emptied database and
@@ -103,12 +100,6 @@ def where(thread) -> str:
         frames.append(f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})")
         frame = frame.f_back
     return " < ".join(frames[:6]) or "not started"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_for
+from tests.conftest import wait_for
+from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
 HUIYING = [sys.executable, "-m", "huiying.cli"]

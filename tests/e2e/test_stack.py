@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DEMO_DIRECTORY, free_port, wait_for
+from tests.conftest import wait_for
+from tests.support import DEMO_DIRECTORY, free_port
 
 pytestmark = pytest.mark.e2e
 HUIYING = [sys.executable, "-m", "huiying.cli"]

@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from tests.conftest import DEMO_DIRECTORY, Receiver, SmtpServer
+from tests.conftest import Receiver, SmtpServer
 from tests.faults.harness import Resources, Stack
+from tests.support import DEMO_DIRECTORY
 
 LONG = os.environ.get("HUIYING_LONG_TESTS") == "1"
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"

@@ -22,7 +22,7 @@ import requests
 from kombu import Connection, Exchange, Producer
 from sqlalchemy import create_engine, text
 
-from tests.conftest import DEMO_DIRECTORY, TEST_DATABASE_URL, free_port
+from tests.support import DEMO_DIRECTORY, TEST_DATABASE_URL, free_port
 
 HUIYING = [sys.executable, "-m", "huiying.cli"]
 SERVICES = ("intake", "routing", "supervision", "notify")

@@ -14,8 +14,8 @@ from kombu import Connection, Exchange, Producer, Queue
 
 from services.common.timeutil import now
 from services.common.topology import event_exchange
-from tests.conftest import DEMO_DIRECTORY
 from tests.faults.harness import Sender, case_payload, unmasked_phones
+from tests.support import DEMO_DIRECTORY
 
 CASES = 20
 SUGGESTIONS = 14

@@ -13,7 +13,7 @@ from alembic import command
 from services.common.db import create_db_engine
 from services.common.migrations import alembic_config
 from services.supervision.models import case_projection, referral_projection, timeline
-from tests.conftest import TEST_DATABASE_URL
+from tests.support import TEST_DATABASE_URL
 
 T0 = datetime(2026, 9, 1, 1, 0, tzinfo=timezone.utc)
 

@@ -14,7 +14,7 @@ from services.common.workdays import WorkingCalendar
 from services.routing import referrals
 from services.routing import rules as routing_rules
 from services.routing.models import outbox
-from tests.conftest import DEMO_DIRECTORY
+from tests.support import DEMO_DIRECTORY
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
 STAFF = {"role": "staff", "subject": "office"}

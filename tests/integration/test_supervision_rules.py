@@ -14,7 +14,7 @@ from services.common.timeutil import CST, now
 from services.supervision import escalation, evaluation, projection, sweeping
 from services.supervision import rules as supervision_rules
 from services.supervision.models import agenda, agenda_cases, case_projection, decisions, outbox, sweep_shards
-from tests.conftest import DEMO_DIRECTORY
+from tests.support import DEMO_DIRECTORY
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
 REFERRED = datetime(2026, 9, 29, 10, 0, tzinfo=CST)  # due 12 Oct (5 working days over National Day)

@@ -16,7 +16,8 @@ import requests
 from sqlalchemy import text
 
 from services.routing.referrals import EXPORT_COLUMNS
-from tests.conftest import DEMO_DIRECTORY, wait_for, wait_routed, wait_supervised
+from tests.conftest import wait_for, wait_routed, wait_supervised
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"

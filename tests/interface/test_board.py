@@ -6,7 +6,8 @@ from io import BytesIO
 import pytest
 import requests
 
-from tests.conftest import DEMO_DIRECTORY, wait_for, wait_routed
+from tests.conftest import wait_for, wait_routed
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 

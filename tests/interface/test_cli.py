@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from openpyxl import Workbook
 
 from huiying.cli import main
-from tests.conftest import DEMO_DIRECTORY, wait_for
+from tests.conftest import wait_for
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 EXAMPLE = DEMO_DIRECTORY.parent / "examples" / "haijixing-58-suggestions.csv"

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import DEMO_DIRECTORY, wait_for, wait_routed
+from tests.conftest import wait_for, wait_routed
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"

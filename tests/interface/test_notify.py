@@ -12,7 +12,8 @@ from kombu import Connection, Producer
 
 from services.common.topology import event_exchange
 from services.notify.channels import signature
-from tests.conftest import DEMO_DIRECTORY, Receiver, wait_for
+from tests.conftest import Receiver, wait_for
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"

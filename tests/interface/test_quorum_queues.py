@@ -16,7 +16,8 @@ from services.common.retrying import REASON_HEADER
 from services.common.topology import TopologyMismatch, declare_all, work_queue_arguments
 from services.intake.models import cases as intake_cases
 from services.intake.ticket_queue import DEAD_QUEUE as TICKETS_DEAD_QUEUE
-from tests.conftest import free_port, take_messages, wait_for
+from tests.conftest import take_messages, wait_for
+from tests.support import free_port
 
 pytestmark = pytest.mark.interface
 

@@ -7,7 +7,8 @@ import time
 import pytest
 import requests
 
-from tests.conftest import DEMO_DIRECTORY, wait_for
+from tests.conftest import wait_for
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from nameko.testing.services import entrypoint_hook
 
 from huiying.cli import main
-from tests.conftest import DEMO_DIRECTORY, wait_for, wait_supervised
+from tests.conftest import wait_for, wait_supervised
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"

@@ -8,7 +8,8 @@ from click.testing import CliRunner
 from huiying.cli import main
 from services.supervision.projection import ROUTING_EVENTS
 from services.supervision.service import SupervisionService
-from tests.conftest import DEMO_DIRECTORY, wait_for
+from tests.conftest import wait_for
+from tests.support import DEMO_DIRECTORY
 
 pytestmark = pytest.mark.interface
 

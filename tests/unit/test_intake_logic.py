@@ -10,7 +10,7 @@ from services.common.directory import DirectoryError, load_directory_file, parse
 from services.common.http import ValidationFailed
 from services.common.privacy import mask_phone, mask_phones_in_text
 from services.intake.schemas import parse_submission
-from tests.conftest import DEMO_DIRECTORY
+from tests.support import DEMO_DIRECTORY
 
 
 @pytest.mark.parametrize(
