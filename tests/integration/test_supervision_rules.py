@@ -1,12 +1,13 @@
 """Supervision on a real database with the real rule files and calendar: each default rule
 firing and not firing, clusters of similar cases, and each escalation happening once."""
 
+import random
 import threading
 import uuid
 from datetime import date, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, true, update
 from sqlalchemy.orm import sessionmaker
 
 from services.common.rules.provider import with_calendar
@@ -387,6 +388,25 @@ def test_clusters_are_kept_a_bridging_case_merges_two_and_a_closed_case_splits_n
     assert cluster_keys(world, "B-1")["B-1"] == "cluster:environment:pinghu:B-1"
     facts, _ = world.explain("A-1", "2026-09-30T09:00:00")
     assert facts["similar_unresolved_count"] == 1
+
+
+def test_given_cases_are_read_with_the_counts_a_whole_pass_reads(world):
+    # The evaluation after events reads only the cases given and counts their clusters apart
+    # (evaluation._target_rows); what it reads of each must be what a whole pass reads of it.
+    rng = random.Random(7)
+    for i in range(24):
+        street, title = rng.choice(["pinghu", "buji"]), rng.choice(HAIJIXING + ["布吉农批路口积水严重"])
+        world.case(f"R-{i}", title=title, category="traffic", street=street, due="2026-12-31T23:59:59+08:00")
+    closed = [f"R-{i}" for i in rng.sample(range(24), 7)]
+    with world.sessionmaker.begin() as session:
+        session.execute(update(case_projection).where(case_projection.c.case_id.in_(closed)).values(status="closed"))
+    with world.sessionmaker() as session:
+        whole = {row.case_id: row for row in evaluation._case_rows(session, true(), stream=False)}
+        assert {row.similar for row in whole.values()} != {1}  # clusters of several, for the counts to mean something
+        for _ in range(10):
+            given = set(rng.sample(sorted(f"R-{i}" for i in range(24)), rng.randint(1, 12)))
+            rows = list(evaluation._target_rows(session, given))
+            assert rows == [row for row in whole.values() if row.case_id in given]
 
 
 def test_an_incremental_pass_evaluates_only_the_clusters_changed_since_the_last(world):
