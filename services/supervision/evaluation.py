@@ -160,11 +160,11 @@ def _case_rows(session, which, stream: bool = True):
 
 def _target_rows(session, targets: set):
     """The unresolved ones of ``targets``, in the order of ``_case_rows``, each with the count of
-    its cluster's unresolved cases. The clusters' other cases are only counted, by cluster, and
-    the targets' rows joined to their counts. Read whole for a window over them (every column,
-    the departments cast to text), then filtered to the targets, they made the statement that
-    took the most of PostgreSQL's time in bench/e2e.py's short run (12 %: 32-35 ms a call with
-    up to 8,000 cases open in 88 clusters; 17-20 ms this way, bench/README.md, 6 December)."""
+    its cluster's unresolved cases. Only the targets' rows are read; their clusters' other cases
+    are only counted, by cluster. (Reading every case of those clusters, every column, for a
+    window count, and then keeping the targets, was the statement with the most of PostgreSQL's
+    time in bench/e2e.py's short run: 12 %, 27 ms a call. Under the same load this way took
+    17-20 ms a call against 32-35: bench/README.md, 6 December.)"""
     c = case_projection.c
     counts = (
         select(c.cluster_key, func.count().label("similar"))
