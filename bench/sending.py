@@ -21,7 +21,6 @@ eventlet.monkey_patch()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
 import resource  # noqa: E402
 import time  # noqa: E402
@@ -29,12 +28,12 @@ from datetime import datetime, timezone  # noqa: E402
 from email.header import Header  # noqa: E402
 from email.mime.text import MIMEText  # noqa: E402
 from email.utils import formatdate, make_msgid  # noqa: E402
-from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 from sqlalchemy import JSON, Column, Integer, MetaData, String, Table, bindparam, text  # noqa: E402
 from sqlalchemy.orm import sessionmaker  # noqa: E402
 
+from bench.machine import cpu_seconds  # noqa: E402
 from huiying.mail_sink import SmtpSink  # noqa: E402
 from services.common.db import UTCDateTime, create_db_engine  # noqa: E402
 from services.common.upsert import update_many  # noqa: E402
@@ -48,11 +47,6 @@ BATCH = 25  # about what a deliver batch of notify's held at 200 cases/s (3 Dec)
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def delivery(number: int):
@@ -108,9 +102,9 @@ def emails(count: int) -> dict:
                 assert outcomes == [None] * len(batch), outcomes
 
             send(batches[0])  # the connection and its EHLO, outside the measure
-            sink_cpu = cpu_of(sink.process.pid)
+            sink_cpu = cpu_seconds(sink.process.pid)
             report[kind] = per_item(send, batches, count)
-            report[kind]["sink_cpu_ms"] = round(1000 * (cpu_of(sink.process.pid) - sink_cpu) / count, 4)
+            report[kind]["sink_cpu_ms"] = round(1000 * (cpu_seconds(sink.process.pid) - sink_cpu) / count, 4)
         finally:
             sink.close()
     report["ratios"] = {
@@ -183,14 +177,14 @@ def updates(database_url: str, rows: int) -> dict:
     for name, write in [("update_per_row", one_by_one), ("update_many", together)] * 2:  # each twice, alternating
         with sessions() as session:
             backend = session.execute(text("SELECT pg_backend_pid()")).scalar()
-            backend_cpu, client_cpu, started = cpu_of(backend), own_cpu(), time.perf_counter()
+            backend_cpu, client_cpu, started = cpu_seconds(backend), own_cpu(), time.perf_counter()
             for round_ in range(rows // 100):
                 write(session, changes(round_))
                 session.commit()
             measured = {
                 "wall_ms": 1000 * (time.perf_counter() - started) / rows,
                 "client_cpu_ms": 1000 * (own_cpu() - client_cpu) / rows,
-                "postgresql_cpu_ms": 1000 * (cpu_of(backend) - backend_cpu) / rows,
+                "postgresql_cpu_ms": 1000 * (cpu_seconds(backend) - backend_cpu) / rows,
             }
         best = report.setdefault(name, measured)
         report[name] = {k: round(min(best[k], measured[k]), 4) for k in measured}  # the better of two

@@ -243,10 +243,6 @@ class Batching:
             self.handle_items_failed(message, tally.failed)
 
 
-class RunFailed(Exception):
-    """The run that included a caller's items failed (the error is its cause)."""
-
-
 class Coalesced:
     """Runs ``function(items)`` one run at a time for the workers of a process that hand it items
     at about the same time: the items handed over while a run goes on are run together next, by
@@ -258,7 +254,8 @@ class Coalesced:
     gets the results of its own items (``function`` returns one per item, in order, or None) once
     a run has included them: its message or request is answered only after the work, as if it had
     done it alone. When a run of several callers' items fails, each caller's items are run again
-    on their own, and only a caller whose own run fails raises ``RunFailed``."""
+    on their own, and only a caller whose own run fails raises, with that run's own error: a
+    ticket's retry and a parked event's reason name it."""
 
     def __init__(self, what: str = "coalesced run"):
         self.what = what  # the run's name in the metrics (huiying_run_seconds)
@@ -298,7 +295,7 @@ class Coalesced:
                     each.results = None if results is None else results[start:end]
                     start = end
         if handed.error is not None:
-            raise RunFailed(f"{type(handed.error).__name__}: {handed.error}") from handed.error
+            raise handed.error
         return handed.results
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from services.common.auth import KeyCache, request_key
 from services.common.base import ServiceBase
-from services.common.batching import DEFAULT_MAX_BATCH, GATHER_OFF_THE_CASES_WAY, Coalesced, RunFailed
+from services.common.batching import DEFAULT_MAX_BATCH, GATHER_OFF_THE_CASES_WAY, Coalesced
 from services.common.directory import DirectoryError, parse_directory
 from services.common.events import event_batch_handler
 from services.common.http import Forbidden, NotFound, Unauthorized, ValidationFailed, http, json_body, json_response
@@ -57,10 +57,7 @@ class IntakeService(ServiceBase):
         transaction at 40 a second, and the two channels' transactions queued for each other's
         lock on the year's case counter (bench/README.md, 6 December)."""
         together = self.state.setdefault("submissions", Coalesced("submissions"))
-        try:
-            return together(received, self._submit_many)
-        except RunFailed as exc:
-            raise exc.__cause__ from None  # the store's own error (the ticket's retry reason names it)
+        return together(received, self._submit_many)
 
     def _submit_many(self, received: list) -> list:
         """Store the submissions in one transaction (cases.submit_many), then publish their events."""

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from services.common import metrics
 from services.common.auth import KeyCache, actor_for, actor_for_key, require_staff
 from services.common.base import ServiceBase
-from services.common.batching import GATHER_OFF_THE_CASES_WAY, BackgroundRuns, Coalesced, GiveWay, RunFailed
+from services.common.batching import GATHER_OFF_THE_CASES_WAY, BackgroundRuns, Coalesced, GiveWay
 from services.common.db import snapshot
 from services.common.events import event_batch_handler
 from services.common.http import (
@@ -193,10 +193,7 @@ class SupervisionService(ServiceBase):
         the cases and their shards (bench/e2e.py's stages; tried again on 1 Dec with intake's
         events gathered: routing's runs took 55 ms instead of 20-25, bench/README.md)."""
         projecting = self.state.setdefault("projecting", Coalesced("projection"))
-        try:
-            projecting(events, self._project_together)
-        except RunFailed as failed:  # the events' own error: the retry and the parked reason name it
-            raise failed.__cause__ from None
+        projecting(events, self._project_together)
 
     def _project_together(self, events: list) -> None:
         with self._give_way().inside(), self.db.begin() as session:
