@@ -17,7 +17,7 @@ import durable_rules_engine
 from services.common.rules import conditions
 from services.common.rules.provider import with_calendar
 from services.supervision import rules as supervision_rules
-from tests.conftest import DEMO_DIRECTORY
+from tests.support import DEMO_DIRECTORY
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
 STREETS = ["pinghu", "buji", "bantian", "nanwan", "henggang", "longcheng"]

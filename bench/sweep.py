@@ -35,8 +35,8 @@ from bench.autovacuum import Autovacuum
 from bench.profiling import sampled
 from services.common.migrations import upgrade
 from services.common.timeutil import now
-from tests.conftest import DEMO_DIRECTORY, free_port
 from tests.faults.harness import MANAGEMENT, STREETS, TOPICS, Resources
+from tests.support import DEMO_DIRECTORY, free_port
 
 RULES_DIR = DEMO_DIRECTORY.parent.parent / "rules"
 CATEGORIES = ["traffic", "urban_management", "environment", "housing", "education", "health", "safety"]
@@ -65,8 +65,6 @@ def seed(database_url: str, cases: int, rng: random.Random) -> None:
             f"{case_id}-R1\t{case_id}\tcgj\t龙岗区城市管理和综合执法局\t1\t1\treferred\t"
             f"{referred.isoformat()}\t{due.isoformat()}\t{referred.isoformat()}\n"
         )
-    # COPY cannot run under psycogreen's cooperative wait callback (set when tests.conftest is imported)
-    psycopg2.extensions.set_wait_callback(None)
     connection = psycopg2.connect(database_url)
     with connection, connection.cursor() as cursor:
         cases_csv.seek(0)
